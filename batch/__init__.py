@@ -1,0 +1,1 @@
+"""``fruit-batch``: score folder trees against TorchServe or locally."""

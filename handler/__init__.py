@@ -1,0 +1,1 @@
+"""TorchServe handler for fruitserve and the preprocessing it shares with training and batch scoring."""

@@ -1,0 +1,1 @@
+"""``fruit-archive``: package a training run into a versioned ``fruit.mar``."""

@@ -1,0 +1,120 @@
+"""Transform presets: the training augmentation here, evaluation in ``handler.preprocessing``.
+
+Training images are cached as uint8 at model resolution by the *same* function the
+handler uses, so train and eval see identically resized pixels; augmentation then runs
+on whole batches of tensors (one ``grid_sample`` for all geometry).
+
+Fruits-360 shows each fruit centred on pure white. Shop photos have clutter, other
+light and off-centre fruit, so the preset also swaps the white background for random
+surfaces or blurred crops of other fruit, shifts colour balance, blurs and adds noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fruitserve.handler.preprocessing import normalize
+
+
+@dataclass
+class TrainAugment:
+    mean: Sequence[float]
+    std: Sequence[float]
+    rotation_degrees: float = 180.0
+    zoom: tuple[float, float] = (0.75, 1.3)  # >1 crops into the fruit, <1 leaves room around it
+    translate: float = 0.12
+    background_p: float = 0.5
+    color_p: float = 0.8
+    blur_p: float = 0.2
+    noise_p: float = 0.2
+    white_threshold: float = 0.92
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 N x 3 x S x S to a normalised, augmented float batch on the same device."""
+        x = batch.float().div_(255.0)
+        n = x.shape[0]
+        x = self._geometry(x, generator)
+        x = self._background(x, generator)
+        x = self._colour(x, generator)
+        x = self._blur(x, generator)
+        if self.noise_p > 0:
+            sigma = _uniform(n, 0.0, 0.04, generator, x.device) * _bernoulli(n, self.noise_p, generator, x.device)
+            noise = torch.randn(x.shape, generator=generator).to(x.device)
+            x = x + noise * sigma.view(n, 1, 1, 1)
+        x = x.clamp_(0.0, 1.0)
+        return normalize(x.mul_(255.0), self.mean, self.std)
+
+    def _geometry(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n = x.shape[0]
+        angle = _uniform(n, -self.rotation_degrees, self.rotation_degrees, g, x.device) * (math.pi / 180)
+        zoom = torch.exp(_uniform(n, math.log(self.zoom[0]), math.log(self.zoom[1]), g, x.device))
+        flip = torch.where(_bernoulli(n, 0.5, g, x.device) > 0, -1.0, 1.0)
+        tx = _uniform(n, -self.translate, self.translate, g, x.device)
+        ty = _uniform(n, -self.translate, self.translate, g, x.device)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack(
+            [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        # sample (x - 1) with zero padding so that what comes in from outside is white, like the studio background
+        return F.grid_sample(x - 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1.0
+
+    def _background(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        use = _bernoulli(n, self.background_p, g, x.device).view(n, 1, 1, 1)
+        if not use.any():
+            return x
+        white = (x.min(dim=1, keepdim=True).values > self.white_threshold).float()
+        white = F.avg_pool2d(white, 3, stride=1, padding=1)  # soften the cut-out edge
+        # three kinds of surface: a flat colour, a smooth colour field, or other fruit blurred into clutter
+        flat = torch.rand((n, 3, 1, 1), generator=g).to(x.device).expand(n, 3, h, w)
+        field = F.interpolate(torch.rand((n, 3, 4, 4), generator=g).to(x.device), size=(h, w), mode="bicubic",
+                              align_corners=False).clamp(0, 1)
+        perm = torch.randperm(n, generator=g).to(x.device)
+        clutter = F.avg_pool2d(x[perm].flip(-1), 5, stride=1, padding=2)
+        kind = torch.randint(0, 3, (n,), generator=g).to(x.device).view(n, 1, 1, 1)
+        background = torch.where(kind == 0, flat, torch.where(kind == 1, field, clutter))
+        replaced = x * (1 - white) + background * white
+        return torch.where(use > 0, replaced, x)
+
+    def _colour(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n = x.shape[0]
+        use = _bernoulli(n, self.color_p, g, x.device).view(n, 1, 1, 1)
+
+        def factor(lo: float, hi: float) -> torch.Tensor:
+            return 1 + (_uniform(n, lo, hi, g, x.device).view(n, 1, 1, 1) - 1) * use
+
+        brightness, contrast, saturation = factor(0.6, 1.4), factor(0.7, 1.3), factor(0.7, 1.3)
+        balance = 1 + (torch.rand((n, 3, 1, 1), generator=g).to(x.device) - 0.5) * 0.16 * use  # white balance
+        x = x * brightness * balance
+        grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = grey + (x - grey) * saturation
+        mean = grey.mean(dim=(2, 3), keepdim=True)
+        return (mean + (x - mean) * contrast).clamp(0, 1)
+
+    def _blur(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n = x.shape[0]
+        use = _bernoulli(n, self.blur_p, g, x.device).view(n, 1, 1, 1)
+        if not use.any():
+            return x
+        sigma = float(_uniform(1, 0.5, 1.5, g, torch.device("cpu")))
+        radius = 2
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        kernel = torch.exp(-(t**2) / (2 * sigma**2))
+        kernel = kernel / kernel.sum()
+        blurred = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
+        blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
+        return torch.where(use > 0, blurred, x)
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
+
+
+def _bernoulli(n: int, p: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return (torch.rand(n, generator=g) < p).float().to(device)
