@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+try:
+    from .preprocessing import InputError
+except ImportError:  # inside fruit.mar
+    from preprocessing import InputError
+
 DEFAULT_TOP_K = 5
+
+
+@dataclass
+class Decoded:
+    """One request after preprocessing: a uint8 tensor to score, or the error to answer with."""
+
+    tensor: torch.Tensor | None
+    top_k: int
+    error: InputError | None = None
 
 
 def clamp_top_k(requested: int | None, num_classes: int, default: int = DEFAULT_TOP_K) -> int:
@@ -30,8 +45,8 @@ def format_predictions(
     top_p, top_i = torch.topk(probs, k=max_k, dim=1)
     top_p, top_i = top_p.tolist(), top_i.tolist()
     results = []
-    for row_p, row_i, k in zip(top_p, top_i, ks):
-        top = [{"label": labels[i], "index": i, "probability": p} for p, i in zip(row_p[:k], row_i[:k])]
+    for row_p, row_i, k in zip(top_p, top_i, ks, strict=True):
+        top = [{"label": labels[i], "index": i, "probability": p} for p, i in zip(row_p[:k], row_i[:k], strict=True)]
         results.append(
             {
                 "label": top[0]["label"],

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ class PreprocessConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
-    def from_metadata(cls, metadata: dict) -> "PreprocessConfig":
+    def from_metadata(cls, metadata: dict) -> PreprocessConfig:
         return cls(
             input_size=int(metadata["input_size"]),
             mean=tuple(metadata["mean"]),

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from fruitserve.handler.preprocessing import InputError, PreprocessConfig, load_uint8
+from tqdm import tqdm
 
 from .utils import dataset_fingerprint
 
@@ -150,7 +149,7 @@ def decode_images(
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = pool.map(lambda p: _load_one(p, config), paths, chunksize=64)
         for path, target, result in tqdm(
-            zip(paths, targets, results), total=len(paths), desc=desc, unit="img", disable=not progress, leave=False
+            zip(paths, targets, results, strict=True), total=len(paths), desc=desc, unit="img", disable=not progress, leave=False
         ):
             if isinstance(result, str):
                 log.warning("skipping %s: %s", path, result)

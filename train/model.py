@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 import torchvision
-
 from fruitserve.handler.artifacts import TORCHSCRIPT_DEPRECATION, load_torchscript
 
 ARCHES = ("resnet18", "resnet34", "resnet50")

@@ -12,12 +12,11 @@ surfaces or blurred crops of other fruit, shifts colour balance, blurs and adds 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-
 from fruitserve.handler.preprocessing import normalize
 
 
@@ -107,8 +106,10 @@ class TrainAugment:
         t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
         kernel = torch.exp(-(t**2) / (2 * sigma**2))
         kernel = kernel / kernel.sum()
-        blurred = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
-        blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
+        horizontal = kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1)
+        vertical = kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1)
+        blurred = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), horizontal, groups=3)
+        blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="replicate"), vertical, groups=3)
         return torch.where(use > 0, blurred, x)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -98,7 +98,7 @@ def plot_confident_errors(
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.7), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, order):
+    for ax, i in zip(axes.flat, order, strict=False):
         with Image.open(paths[i]) as image:
             ax.imshow(image.convert("RGB"))
         ax.set_title(f"true: {classes[targets[i]]}\npred: {classes[preds[i]]}\n{conf[i]:.1%}", fontsize=7)

@@ -15,14 +15,11 @@ import argparse
 import csv
 import datetime as dt
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from fruitserve.handler.artifacts import (
     LABELS_FILE,
     METADATA_FILE,
@@ -33,6 +30,7 @@ from fruitserve.handler.artifacts import (
     load_torchscript,
 )
 from fruitserve.handler.preprocessing import PreprocessConfig, normalize
+from tqdm import tqdm
 
 from . import data as datasets
 from .model import ARCHES, build_model, export_torchscript, set_backbone_trainable
@@ -72,7 +70,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true", help="train on plain resized images")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    t.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    t.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (OMP_NUM_THREADS)")
     t.add_argument("--resume", type=Path, help="a run folder or its checkpoint.pt to continue")
     t.add_argument("--no-progress", action="store_true")
 
@@ -307,7 +305,7 @@ def run_training(args: argparse.Namespace) -> Path:
         "device": str(device), "torch_threads": torch.get_num_threads(),
         "export_max_abs_diff": export_diff,
         "packages": package_versions(), "git_commit": git_commit(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "metrics": {"validation": summary(val_metrics), report_name: summary(report_metrics)},
     }
     write_json_atomic(run_dir / METADATA_FILE, metadata)

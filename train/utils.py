@@ -7,9 +7,9 @@ import json
 import os
 import random
 import subprocess
+from collections.abc import Iterable
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch

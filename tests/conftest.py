@@ -1,0 +1,48 @@
+"""Shared fixtures: a synthetic dataset, one tiny trained run and its .mar, built once per session."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+from fruitserve.model_store.archive import build_archive
+from fruitserve.train.synthetic import draw_image, make_demo_data
+from fruitserve.train.train import main as train_main
+from PIL import Image
+
+TINY_TRAIN_ARGS = ["--input-size", "48", "--epochs", "6", "--batch-size", "32", "--lr", "3e-3", "--seed", "0",
+                   "--no-progress", "--patience", "6"]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo_data(tmp_path_factory.mktemp("demo"), train_per_class=30, test_per_class=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    assert train_main(["train", "--data", str(demo_data), "--output-dir", str(out), "--run-name", "tiny",
+                       *TINY_TRAIN_ARGS]) == 0
+    return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def model_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("model_store")
+    build_archive(trained_run, store)
+    return store
+
+
+def jpeg_bytes(class_name: str = "Banana", seed: int = 0, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    draw_image(class_name, random.Random(seed)).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def image_bytes(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()

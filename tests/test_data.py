@@ -1,0 +1,91 @@
+"""Loading image folders: layout, bad files, error exits, the validation split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import jpeg_bytes
+from fruitserve.handler.preprocessing import PreprocessConfig
+from fruitserve.train import data as datasets
+from fruitserve.train.synthetic import CLASSES, make_demo_data
+from fruitserve.train.train import main as train_main
+
+
+def _folder(root: Path, layout: dict[str, dict[str, bytes]]) -> Path:
+    for class_name, files in layout.items():
+        (root / class_name).mkdir(parents=True, exist_ok=True)
+        for name, payload in files.items():
+            (root / class_name / name).write_bytes(payload)
+    return root
+
+
+def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+    root = _folder(tmp_path, {
+        "Apple": {"a.jpg": jpeg_bytes("Apple Red"), "broken.jpg": jpeg_bytes()[:100], "notes.txt": b"not an image"},
+        "Banana": {"b.jpg": jpeg_bytes("Banana"), ".hidden.jpg": jpeg_bytes("Banana"), "empty.png": b""},
+    })
+    index = datasets.index_image_folder(root)
+    assert index.classes == ["Apple", "Banana"]
+    assert len(index.paths) == 5  # hidden file not listed
+    with caplog.at_level(logging.WARNING):
+        decoded = datasets.decode_images(index.paths, index.targets, PreprocessConfig(32), progress=False)
+    assert len(decoded.targets) == 2
+    assert {p.name for p, _ in decoded.skipped} == {"broken.jpg", "notes.txt", "empty.png"}
+    assert "broken.jpg" in caplog.text and "skipped 3 of 5" in caplog.text
+
+
+def test_fruits360_layout_is_resolved(tmp_path):
+    make_demo_data(tmp_path, train_per_class=2, test_per_class=1)
+    train, test = datasets.resolve_layout(tmp_path)
+    assert train == tmp_path / "Training" and test == tmp_path / "Test"
+    assert datasets.index_image_folder(train).classes == sorted(CLASSES)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "one_class", "no_files"])
+def test_unusable_dataset_is_a_clear_error(tmp_path, case):
+    root = tmp_path / "data"
+    if case != "missing":
+        root.mkdir()
+    if case == "one_class":
+        _folder(root, {"Apple": {"a.jpg": jpeg_bytes()}})
+    if case == "no_files":
+        (root / "Apple").mkdir()
+        (root / "Banana").mkdir()
+    with pytest.raises(datasets.DatasetError):
+        datasets.index_image_folder(datasets.resolve_layout(root)[0])
+
+
+def test_cli_exits_2_without_traceback(tmp_path, capsys):
+    assert train_main(["train", "--data", str(tmp_path / "nope"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "Apple").mkdir()
+    assert train_main(["train", "--data", str(tmp_path / "only"), "--no-progress"]) == 2
+
+
+def test_evaluation_folder_with_unknown_class_is_rejected(tmp_path):
+    root = _folder(tmp_path, {"Durian": {"d.jpg": jpeg_bytes()}})
+    with pytest.raises(datasets.DatasetError, match="Durian"):
+        datasets.index_image_folder(root, classes=["Apple", "Banana"])
+
+
+def test_stratified_split_is_deterministic_and_keeps_every_class():
+    targets = [0] * 50 + [1] * 20 + [2] * 3
+    first = datasets.stratified_split(targets, 0.2, seed=7)
+    assert first == datasets.stratified_split(targets, 0.2, seed=7)
+    assert first != datasets.stratified_split(targets, 0.2, seed=8)
+    train_idx, val_idx = first
+    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == len(targets)
+    assert [sum(targets[i] == c for i in val_idx) for c in range(3)] == [10, 4, 1]
+    assert {targets[i] for i in train_idx} == {0, 1, 2}
+
+
+def test_synthetic_generator_is_deterministic(tmp_path):
+    a = make_demo_data(tmp_path / "a", train_per_class=2, test_per_class=1, seed=3)
+    b = make_demo_data(tmp_path / "b", train_per_class=2, test_per_class=1, seed=3)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
+    assert len(files_a) == len(CLASSES) * 3
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
