@@ -56,16 +56,19 @@ def extract_payload(row: object) -> tuple[bytes, int | None]:
             inner, inner_k = extract_payload(value if isinstance(value, dict) else _single(value))
             return inner, inner_k if inner_k is not None else top_k
         row = value
-    if isinstance(row, (bytes, bytearray)):
-        stripped = bytes(row).lstrip()
-        if stripped[:1] == b"{":  # JSON sent without an application/json content type
+    if isinstance(row, (bytes, bytearray, str)):
+        # JSON sent as text/plain or without a content type arrives unparsed
+        head = row.lstrip()[:1]
+        if head in (b"{", "{"):
             try:
-                return extract_payload(json.loads(stripped))
+                parsed = json.loads(row)
             except (ValueError, UnicodeDecodeError):
-                pass
+                parsed = None
+            if isinstance(parsed, dict):
+                return extract_payload(parsed)
+        if isinstance(row, str):
+            return _b64decode(row), top_k
         return bytes(row), top_k
-    if isinstance(row, str):
-        return _b64decode(row), top_k
     if isinstance(row, list):
         return extract_payload(_single(row))
     raise InputError(f"unsupported request payload of type {type(row).__name__}")

@@ -95,6 +95,9 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
     try:
         image = Image.open(io.BytesIO(bytes(data)))
     except UnidentifiedImageError:
+        kind = sniff_image_format(data)
+        if kind:
+            raise CorruptImage(f"starts like a {kind} image but cannot be decoded") from None
         raise UnsupportedImage("not a recognised image format") from None
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image too large: {exc}") from None
@@ -114,6 +117,20 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
         raise ImageTooLarge(f"image too large: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         raise CorruptImage(f"image data could not be decoded: {exc}") from None
+
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"),
+)
+
+
+def sniff_image_format(data: bytes | bytearray | memoryview) -> str | None:
+    """The image format that the first bytes claim, to tell a damaged image (400) from a non-image (415)."""
+    head = bytes(data[:16])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -136,6 +136,8 @@ class TorchServe:
             "enable_model_api": str(self.model_api).lower(),
             # worker sockets are named /tmp/.ts.sock.<port>: servers side by side need their own range
             "initial_worker_port": str(free_port()),
+            "grpc_inference_port": str(free_port()),
+            "grpc_management_port": str(free_port()),
         }
         if self.envelope:
             settings["service_envelope"] = self.envelope
@@ -192,12 +194,21 @@ class TorchServe:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     def worker_pids(self) -> list[int]:
-        """PIDs of this server's Python model workers."""
+        """PIDs of this server's Python model workers (descendants of the torchserve process)."""
+        import psutil  # a torchserve dependency
+
         if self.process is None:
             return []
-        out = subprocess.run(["ps", "-eo", "pid,pgid,args"], capture_output=True, text=True, timeout=10).stdout
-        return [int(line.split()[0]) for line in out.splitlines()[1:]
-                if line.split()[1] == str(self.process.pid) and "model_service_worker" in line]
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        pids = []
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                if any("model_service_worker" in part for part in child.cmdline()):
+                    pids.append(child.pid)
+        return sorted(pids)
 
     def stop(self, timeout: float = 30) -> None:
         if self.process is None:
