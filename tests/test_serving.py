@@ -12,8 +12,6 @@ import pytest
 import requests
 import torch
 from conftest import image_bytes, jpeg_bytes
-from PIL import Image
-
 from fruitserve.handler.artifacts import load_labels, load_metadata, load_torchscript
 from fruitserve.handler.predictions import format_predictions, probabilities
 from fruitserve.handler.preprocessing import PreprocessConfig, preprocess
@@ -21,6 +19,7 @@ from fruitserve.model_store.archive import build_archive
 from fruitserve.model_store.archive import main as archive_main
 from fruitserve.model_store.server import TorchServe
 from fruitserve.train.synthetic import CLASSES
+from PIL import Image
 
 pytestmark = pytest.mark.server
 TIMEOUT = 60
@@ -124,7 +123,7 @@ def test_bad_requests_in_a_batch_fail_alone(server: TorchServe, trained_run: Pat
     pids_before = server.worker_pids()
     good = [(f"good_{i}", jpeg_bytes(sorted(CLASSES)[i % len(CLASSES)], seed=100 + i)) for i in range(10)]
     bad = [(name, payload) for name, (payload, _) in bad_inputs().items()]
-    mixed = [item for pair in zip(good, bad + [None] * len(good)) for item in pair if item]  # interleaved
+    mixed = [item for pair in zip(good, bad + [None] * len(good), strict=False) for item in pair if item]
     with ThreadPoolExecutor(max_workers=len(mixed)) as pool:
         responses = dict(zip([n for n, _ in mixed], pool.map(lambda item: post(server, data=item[1]), mixed), strict=True))
     expected = local_predictions(trained_run, [p for _, p in good], 3)

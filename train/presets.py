@@ -24,11 +24,16 @@ from fruitserve.handler.preprocessing import normalize
 class TrainAugment:
     mean: Sequence[float]
     std: Sequence[float]
-    rotation_degrees: float = 180.0
-    zoom: tuple[float, float] = (0.75, 1.3)  # >1 crops into the fruit, <1 leaves room around it
-    translate: float = 0.12
+    rotation_degrees: float = 45.0
+    zoom: tuple[float, float] = (0.8, 1.25)  # >1 crops into the fruit, <1 leaves room around it
+    translate: float = 0.1
     background_p: float = 0.5
-    color_p: float = 0.8
+    # Several Fruits-360 classes differ only in shade (Apple Red 1/2/3), so colour jitter stays mild.
+    color_p: float = 0.5
+    brightness: tuple[float, float] = (0.8, 1.2)
+    contrast: tuple[float, float] = (0.85, 1.15)
+    saturation: tuple[float, float] = (0.85, 1.15)
+    white_balance: float = 0.06
     blur_p: float = 0.2
     noise_p: float = 0.2
     white_threshold: float = 0.92
@@ -88,8 +93,8 @@ class TrainAugment:
         def factor(lo: float, hi: float) -> torch.Tensor:
             return 1 + (_uniform(n, lo, hi, g, x.device).view(n, 1, 1, 1) - 1) * use
 
-        brightness, contrast, saturation = factor(0.6, 1.4), factor(0.7, 1.3), factor(0.7, 1.3)
-        balance = 1 + (torch.rand((n, 3, 1, 1), generator=g).to(x.device) - 0.5) * 0.16 * use  # white balance
+        brightness, contrast, saturation = factor(*self.brightness), factor(*self.contrast), factor(*self.saturation)
+        balance = 1 + (torch.rand((n, 3, 1, 1), generator=g).to(x.device) - 0.5) * self.white_balance * use
         x = x * brightness * balance
         grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
         x = grey + (x - grey) * saturation
