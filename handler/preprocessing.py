@@ -91,7 +91,7 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int = DEFAULT
     their first frame.
     """
     if data is None or len(data) == 0:
-        raise EmptyInput("empty request body: expected image bytes")
+        raise EmptyInput("empty input: no image bytes")
     try:
         image = Image.open(io.BytesIO(bytes(data)))
     except UnidentifiedImageError:

@@ -16,8 +16,15 @@ def confusion_matrix(targets: torch.Tensor, preds: torch.Tensor, num_classes: in
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> dict:
+    k = min(5, len(classes))
+    metrics = label_metrics(targets, logits.argmax(dim=1), classes)
+    top5 = (logits.topk(k, dim=1).indices == targets.view(-1, 1)).any(dim=1).double().mean()
+    return {"images": metrics["images"], "top1": metrics["top1"], "top5": float(top5)} | metrics
+
+
+def label_metrics(targets: torch.Tensor, preds: torch.Tensor, classes: Sequence[str]) -> dict:
+    """Accuracy, macro and per-class precision/recall/F1 and the confusion matrix from predicted indices."""
     num_classes = len(classes)
-    preds = logits.argmax(dim=1)
     cm = confusion_matrix(targets, preds, num_classes).double()
     tp = cm.diag()
     support = cm.sum(dim=1)
@@ -27,12 +34,9 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, classes:
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
                      torch.zeros_like(tp))
     present = support > 0  # classes absent from this split do not drag macro-F1 down
-    k = min(5, num_classes)
-    top5 = (logits.topk(k, dim=1).indices == targets.view(-1, 1)).any(dim=1).double().mean()
     return {
         "images": int(targets.numel()),
         "top1": float(tp.sum() / cm.sum()),
-        "top5": float(top5),
         "macro_f1": float(f1[present].mean()),
         "macro_precision": float(precision[present].mean()),
         "macro_recall": float(recall[present].mean()),
