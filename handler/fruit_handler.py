@@ -164,7 +164,7 @@ class FruitHandler:
             with torch.autocast("cuda", enabled=self.device.type == "cuda"):
                 return self.model(inputs)
 
-    def postprocess(self, logits: torch.Tensor, decoded: list[Decoded]) -> list[str]:
+    def postprocess(self, logits: torch.Tensor, decoded: list[Decoded]) -> list[dict]:
         ok = [d for d in decoded if d.error is None]
         predictions = iter(format_predictions(probabilities(logits), self.labels, [d.top_k for d in ok],
                                               self.model_version)) if ok else iter(())
@@ -176,10 +176,10 @@ class FruitHandler:
                 body = item.error.to_dict()
                 self._set_status(idx, item.error)
             self._set_json(idx)
-            responses.append(json.dumps(body))
+            responses.append(body)  # TorchServe serialises dicts; a KServe envelope nests them as objects
         return responses
 
-    def handle(self, data: list, context) -> list[str]:
+    def handle(self, data: list, context) -> list[dict]:
         self.context = context
         start = time.perf_counter()
         decoded = self.preprocess(data)

@@ -1,0 +1,114 @@
+"""Batch-scoring benchmark on the full Fruits-360 Test split, all in one run:
+
+    .venv/bin/python bench/batch_scoring.py --run runs/bench-r18-64
+
+1. the in-process ceiling (decode + preprocess + forward, same batch size, no CSV, no workers);
+2. ``fruit-batch score --local``, compared with (1);
+3. the server's capacity (load generator at concurrency 32) and ``fruit-batch score`` against the
+   same server, compared with it;
+4. accuracy from each CSV, and ``fruit-train evaluate`` on the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fruitserve.model_store.archive import build_archive  # noqa: E402
+from fruitserve.model_store.server import TorchServe  # noqa: E402
+from loadgen import run_load  # noqa: E402
+from serving import in_process_ceiling  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def timed(cmd: list[str]) -> tuple[float, str, float]:
+    """Wall seconds, stderr, and peak RSS (MiB) of the child."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+    wall = time.perf_counter() - start
+    if done.returncode not in (0, 1):
+        raise RuntimeError(f"{cmd} failed ({done.returncode}): {done.stderr[-2000:]}")
+    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    return wall, done.stderr, peak
+
+
+def csv_accuracy(path: Path) -> tuple[int, float]:
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    ok = [r for r in rows if r["status"] == "ok"]
+    return len(rows), sum(r["label"] == r["true_label"] for r in ok) / max(1, len(ok))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/fruits-360/Test")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    files = sorted(args.images.rglob("*.jpg"))
+    results: dict = {"images": len(files), "threads": torch.get_num_threads()}
+
+    payloads = [p.read_bytes() for p in files]
+    results["ceiling_img_per_s"] = round(in_process_ceiling(args.run, payloads, args.batch_size,
+                                                            torch.get_num_threads()), 1)
+    print("ceiling", results["ceiling_img_per_s"], flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+        tmp_path = Path(tmp)
+        store = tmp_path / "store"
+        build_archive(args.run, store)
+        wall, err, peak = timed([str(BIN / "fruit-batch"), "score", str(args.images), str(tmp_path / "local.csv"),
+                                 "--local", "--model", str(store / "fruit.mar"), "--batch-size",
+                                 str(args.batch_size), "--quiet"])
+        rows, accuracy = csv_accuracy(tmp_path / "local.csv")
+        results["local"] = {"img_per_s": round(len(files) / wall, 1), "wall_s": round(wall, 1), "rows": rows,
+                            "accuracy": accuracy, "peak_rss_mib": round(peak), "summary": err.strip().splitlines()[-1]}
+        results["local_vs_ceiling"] = round(results["local"]["img_per_s"] / results["ceiling_img_per_s"], 3)
+        print("local", json.dumps(results["local"]), flush=True)
+
+        with TorchServe(workdir=tmp_path / "ts", model_store=store) as ts:
+            headers = ts.headers() | {"Content-Type": "application/octet-stream"}
+            sample = random.Random(0).sample(payloads, 3000)
+            run_load(ts.inference_url, "/predictions/fruit", sample[:64], 4, 64, headers)
+            capacity = run_load(ts.inference_url, "/predictions/fruit", sample, args.concurrency, 3000, headers)
+            results["server_capacity"] = capacity.row()
+            print("capacity", json.dumps(results["server_capacity"]), flush=True)
+            wall, err, _ = timed([str(BIN / "fruit-batch"), "score", str(args.images), str(tmp_path / "server.csv"),
+                                  "--url", ts.inference_url, "--key-file", str(ts.workdir / "key_file.json"),
+                                  "--concurrency", str(args.concurrency), "--quiet"])
+        rows, accuracy = csv_accuracy(tmp_path / "server.csv")
+        results["server"] = {"img_per_s": round(len(files) / wall, 1), "wall_s": round(wall, 1), "rows": rows,
+                             "accuracy": accuracy, "summary": err.strip().splitlines()[-1]}
+        results["server_vs_capacity"] = round(results["server"]["img_per_s"] / capacity.throughput, 3)
+        print("server", json.dumps(results["server"]), flush=True)
+
+        evaluate = subprocess.run([str(BIN / "fruit-train"), "evaluate", str(args.run), str(args.images), "--out",
+                                   str(tmp_path / "eval"), "--no-progress"], capture_output=True, text=True,
+                                  timeout=3600, check=True)
+        metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        results["evaluate"] = {"top1": metrics["top1"], "macro_f1": metrics["macro_f1"],
+                               "summary": evaluate.stdout.strip().splitlines()[-1]}
+    print(json.dumps(results, indent=2))
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "batch_scoring.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Serving benchmark: our handler vs the in-process ceiling vs TorchServe's stock image_classifier.
+
+    .venv/bin/python bench/serving.py --run runs/bench-r18-64 [--images ../shared/data/fruits-360/Test]
+
+All three are measured in one run on the same machine, with the same TorchScript model,
+batch size and threads. Prints JSON and Markdown rows for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fruitserve.handler.artifacts import load_metadata, load_torchscript  # noqa: E402
+from fruitserve.handler.preprocessing import PreprocessConfig, load_uint8, normalize  # noqa: E402
+from fruitserve.model_store.archive import _archiver, build_archive  # noqa: E402
+from fruitserve.model_store.server import TorchServe  # noqa: E402
+from loadgen import run_load  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIG = """minWorkers: {workers}
+maxWorkers: {workers}
+batchSize: {batch}
+maxBatchDelay: {delay}
+responseTimeout: 60
+handler:
+  torch_threads: {threads}
+"""
+
+
+def sample_images(folder: Path, count: int, seed: int = 0) -> list[bytes]:
+    files = sorted(folder.rglob("*.jpg"))
+    random.Random(seed).shuffle(files)
+    return [p.read_bytes() for p in files[:count]]
+
+
+def in_process_ceiling(run: Path, payloads: list[bytes], batch: int, threads: int, size: int | None = None) -> float:
+    """decode + preprocess + forward in one process, no server: the most a server could do."""
+    torch.set_num_threads(threads)
+    config = PreprocessConfig.from_metadata(load_metadata(run / "metadata.json"))
+    if size:
+        config = PreprocessConfig(size, config.mean, config.std)
+    model = load_torchscript(run / "model.pt", torch.device("cpu"))
+    with torch.inference_mode():
+        model(torch.zeros(batch, 3, config.input_size, config.input_size))
+        start = time.perf_counter()
+        for i in range(0, len(payloads), batch):
+            chunk = torch.stack([load_uint8(p, config) for p in payloads[i:i + batch]])
+            model(normalize(chunk, config.mean, config.std))
+    return len(payloads) / (time.perf_counter() - start)
+
+
+def stock_archive(run: Path, store: Path, config: Path) -> None:
+    import subprocess
+
+    subprocess.run([_archiver(), "--model-name", "fruit", "--version", "stock", "--serialized-file",
+                    str(run / "model.pt"), "--handler", "image_classifier", "--extra-files",
+                    str(run / "index_to_name.json"), "--config-file", str(config), "--export-path", str(store),
+                    "--force"], check=True, timeout=600)
+
+
+def measure_server(store: Path, workdir: Path, payloads: list[bytes], levels: list[int], requests_per_level: int,
+                   label: str) -> dict:
+    start = time.perf_counter()
+    with TorchServe(workdir=workdir, model_store=store) as ts:
+        cold_start = time.perf_counter() - start
+        headers = ts.headers() | {"Content-Type": "application/octet-stream"}
+        run_load(ts.inference_url, "/predictions/fruit", payloads[:64], 4, 64, headers)  # warm-up
+        rows = []
+        for c in levels:
+            result = run_load(ts.inference_url, "/predictions/fruit", payloads, c, requests_per_level, headers)
+            rows.append(result.row())
+            print(label, json.dumps(rows[-1]), flush=True)
+        rss = sum(psutil.Process(pid).memory_info().rss for pid in ts.worker_pids()) / 2**20
+    return {"label": label, "cold_start_s": round(cold_start, 2), "worker_rss_mib": round(rss), "levels": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", type=Path, required=True, help="training run with model.pt")
+    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/fruits-360/Test")
+    parser.add_argument("--count", type=int, default=2000, help="distinct JPEGs to cycle through")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--delay", type=int, default=5, help="maxBatchDelay in ms")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    parser.add_argument("--skip-stock", action="store_true")
+    args = parser.parse_args()
+
+    payloads = sample_images(args.images, args.count)
+    results: dict = {"machine": {"cpus": psutil.cpu_count(), "torch": torch.__version__}, "args": {
+        k: str(v) for k, v in vars(args).items()}}
+    ceiling_threads = args.threads * args.workers
+    results["ceiling_img_per_s"] = round(in_process_ceiling(args.run, payloads, args.batch, ceiling_threads), 1)
+    print("in-process ceiling", results["ceiling_img_per_s"], flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        tmp_path = Path(tmp)
+        config = tmp_path / "model-config.yaml"
+        config.write_text(MODEL_CONFIG.format(workers=args.workers, batch=args.batch, delay=args.delay,
+                                              threads=args.threads))
+        ours = tmp_path / "ours"
+        build_archive(args.run, ours, config_file=config)
+        results["ours"] = measure_server(ours, tmp_path / "ts-ours", payloads, args.levels, args.requests, "ours")
+        if not args.skip_stock:
+            stock = tmp_path / "stock"
+            stock.mkdir()
+            stock_archive(args.run, stock, config)
+            results["stock_ceiling_224px_img_per_s"] = round(
+                in_process_ceiling(args.run, payloads[:512], args.batch, ceiling_threads, size=224), 1)
+            results["stock"] = measure_server(stock, tmp_path / "ts-stock", payloads, args.levels,
+                                              max(256, args.requests // 4), "stock")
+    print(json.dumps(results, indent=2))
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
