@@ -50,10 +50,12 @@ mar: $(STAMP)
 	$(BIN)/fruit-archive $(RUN)
 
 serve: $(STAMP)
+	@mkdir -p logs
 	@test -f model_store/fruit.mar || { echo "model_store/fruit.mar is missing: make train && make mar"; exit 2; }
 	@jh=$$($(BIN)/python -m fruitserve.model_store.server java-home); [ -z "$$jh" ] || export JAVA_HOME="$$jh"; \
 	PATH="$(abspath $(BIN)):$$PATH" torchserve --start --ncs --ts-config config.properties \
-		$(if $(filter true,$(MODEL_API)),--enable-model-api) $(if $(filter false,$(AUTH)),--disable-token-auth)
+		$(if $(filter true,$(MODEL_API)),--enable-model-api) $(if $(filter false,$(AUTH)),--disable-token-auth) \
+		> logs/torchserve.out 2>&1
 	$(BIN)/python -m fruitserve.model_store.server wait --url http://127.0.0.1:8080 \
 		$(if $(filter false,$(AUTH)),--key-file /nonexistent)
 

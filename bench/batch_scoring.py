@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -46,6 +47,12 @@ def timed(cmd: list[str]) -> tuple[float, str, float]:
     return wall, done.stderr, peak
 
 
+def _in_loop_rate(summary: str) -> float:
+    """The rate fruit-batch reports for its scoring loop (without interpreter start and model load)."""
+    match = re.search(r"\(([\d.]+) img/s\)", summary)
+    return float(match.group(1)) if match else float("nan")
+
+
 def csv_accuracy(path: Path) -> tuple[int, float]:
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -59,6 +66,7 @@ def main() -> int:
     parser.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/fruits-360/Test")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--skip-server", action="store_true", help="only the ceiling and local mode")
     args = parser.parse_args()
     files = sorted(args.images.rglob("*.jpg"))
     results: dict = {"images": len(files), "threads": torch.get_num_threads()}
@@ -77,9 +85,14 @@ def main() -> int:
                                  str(args.batch_size), "--quiet"])
         rows, accuracy = csv_accuracy(tmp_path / "local.csv")
         results["local"] = {"img_per_s": round(len(files) / wall, 1), "wall_s": round(wall, 1), "rows": rows,
+                            "in_loop_img_per_s": _in_loop_rate(err),
                             "accuracy": accuracy, "peak_rss_mib": round(peak), "summary": err.strip().splitlines()[-1]}
-        results["local_vs_ceiling"] = round(results["local"]["img_per_s"] / results["ceiling_img_per_s"], 3)
+        results["local_vs_ceiling"] = round(results["local"]["in_loop_img_per_s"] / results["ceiling_img_per_s"], 3)
+        results["local_wall_vs_ceiling"] = round(results["local"]["img_per_s"] / results["ceiling_img_per_s"], 3)
         print("local", json.dumps(results["local"]), flush=True)
+        if args.skip_server:
+            print(json.dumps(results, indent=2))
+            return 0
 
         with TorchServe(workdir=tmp_path / "ts", model_store=store) as ts:
             headers = ts.headers() | {"Content-Type": "application/octet-stream"}
@@ -93,6 +106,7 @@ def main() -> int:
                                   "--concurrency", str(args.concurrency), "--quiet"])
         rows, accuracy = csv_accuracy(tmp_path / "server.csv")
         results["server"] = {"img_per_s": round(len(files) / wall, 1), "wall_s": round(wall, 1), "rows": rows,
+                             "in_loop_img_per_s": _in_loop_rate(err),
                              "accuracy": accuracy, "summary": err.strip().splitlines()[-1]}
         results["server_vs_capacity"] = round(results["server"]["img_per_s"] / capacity.throughput, 3)
         print("server", json.dumps(results["server"]), flush=True)
