@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fruitserve.model_store.archive import build_archive  # noqa: E402
 from fruitserve.model_store.server import TorchServe  # noqa: E402
 from loadgen import run_load  # noqa: E402
-from serving import in_process_ceiling  # noqa: E402
+from serving import in_process_ceiling, save_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -117,10 +117,7 @@ def main() -> int:
         metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
         results["evaluate"] = {"top1": metrics["top1"], "macro_f1": metrics["macro_f1"],
                                "summary": evaluate.stdout.strip().splitlines()[-1]}
-    print(json.dumps(results, indent=2))
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "batch_scoring.json").write_text(json.dumps(results, indent=2) + "\n")
+    save_results("batch_scoring", results)
     return 0
 
 

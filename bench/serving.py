@@ -37,6 +37,14 @@ handler:
 """
 
 
+def save_results(name: str, results: dict) -> None:
+    """Print the results and keep them as ``bench/results/<name>.json`` (the latest run of each script)."""
+    print(json.dumps(results, indent=2))
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
 def sample_images(folder: Path, count: int, seed: int = 0) -> list[bytes]:
     files = sorted(folder.rglob("*.jpg"))
     random.Random(seed).shuffle(files)
@@ -120,10 +128,7 @@ def main() -> int:
                 in_process_ceiling(args.run, payloads[:512], args.batch, ceiling_threads, size=224), 1)
             results["stock"] = measure_server(stock, tmp_path / "ts-stock", payloads, args.levels,
                                               max(256, args.requests // 4), "stock")
-    print(json.dumps(results, indent=2))
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
+    save_results("serving", results)
     return 0
 
 
