@@ -118,13 +118,15 @@ def run_score(directory: Path, out: Path, *, local: bool, model: str | None, url
         raise UsageError(str(exc)) from None
     todo = [p for p in paths if p.as_posix() not in writer.done]
     stop = threading.Event()
-    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     start = time.perf_counter()
     interrupted = unavailable = None
     bar = tqdm(total=len(todo), unit="img", desc="scoring", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    scored = 0
     try:
         for result in scorer.score(directory, todo, stop):
             writer.add(result)
+            scored += 1
             bar.update(1)
     except KeyboardInterrupt:
         interrupted = True
@@ -138,7 +140,7 @@ def run_score(directory: Path, out: Path, *, local: bool, model: str | None, url
         signal.signal(signal.SIGTERM, previous_sigterm)
     elapsed = time.perf_counter() - start
     rows = writer.rows
-    _summarise(rows, order, truth, getattr(scorer, "labels", None), out, elapsed, len(todo), ignored)
+    _summarise(rows, order, truth, getattr(scorer, "labels", None), out, elapsed, scored, ignored)
     if interrupted:
         click.echo(f"fruit-batch: interrupted; {len(rows)}/{len(order)} rows in {out}. Rerun with --resume.", err=True)
         return 130
@@ -149,12 +151,17 @@ def run_score(directory: Path, out: Path, *, local: bool, model: str | None, url
     return 1 if any(r["status"] != "ok" for r in rows.values()) else 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops a run the way Ctrl-C does: what finished is kept and the CSV is rewritten cleanly."""
+    raise KeyboardInterrupt
+
+
 def _summarise(rows: dict[str, dict[str, str]], order: list[str], truth: dict[str, str], classes: list[str] | None,
-               out: Path, elapsed: float, attempted: int, ignored: int) -> None:
+               out: Path, elapsed: float, scored: int, ignored: int) -> None:
     ok = sum(r["status"] == "ok" for r in rows.values())
     failed = len(rows) - ok
-    line = (f"{len(rows)}/{len(order)} files in {out}: {ok} ok, {failed} errors; {attempted} scored this run in "
-            f"{elapsed:.1f} s ({attempted / max(elapsed, 1e-9):.1f} img/s)")
+    line = (f"{len(rows)}/{len(order)} files in {out}: {ok} ok, {failed} errors; {scored} scored this run in "
+            f"{elapsed:.1f} s ({scored / max(elapsed, 1e-9):.1f} img/s)")
     if ignored:
         line += f"; {ignored} non-image files passed over"
     accuracy = _accuracy(rows, truth, classes) if truth else None
