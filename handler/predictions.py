@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,22 @@ class Decoded:
 
     tensor: torch.Tensor | None
     top_k: int
+    error: InputError | None = None
+
+
+@dataclass
+class Parsed:
+    """One TorchServe request after parsing: its images, and the protocol its answer must speak.
+
+    ``protocol`` is None for a plain TorchServe request (one image, one JSON object back).
+    ``error`` is set when the request itself is malformed (not an image: e.g. a KServe body
+    without a list of instances); its images are then never scored.
+    """
+
+    items: list[Decoded]
+    protocol: str | None = None
+    request_id: str | None = None
+    outputs: list[tuple[str, int]] = field(default_factory=list)  # KServe v2: (input name, images in it)
     error: InputError | None = None
 
 
