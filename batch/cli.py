@@ -38,7 +38,14 @@ def main() -> None:
 @click.option("--model", default=None,
               help="server mode: model name [fruit]; --local: a .mar, run folder or model.pt [model_store/fruit.mar]")
 @click.option("--url", "urls", multiple=True, default=("http://127.0.0.1:8080",), show_default=True,
-              help="TorchServe inference address; repeat to spread the work over several servers")
+              help="server base address (TorchServe inference address or KServe endpoint); repeat to spread the "
+                   "work over several servers")
+@click.option("--protocol", type=click.Choice(["torchserve", "kserve-v1", "kserve-v2"]), default="torchserve",
+              show_default=True,
+              help="torchserve: raw file to /predictions/MODEL; kserve-v1: JSON instances to /v1/models/MODEL:predict; "
+                   "kserve-v2: BYTES input to /v2/models/MODEL/infer (TorchServe serves these paths too)")
+@click.option("--host-header", default=None,
+              help="Host header to send, e.g. the InferenceService hostname when calling KServe's ingress by IP")
 @click.option("--token", envvar="FRUIT_TOKEN", help="inference token (env FRUIT_TOKEN; default: from --key-file)")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=Path("key_file.json"),
               show_default=True, help="TorchServe's key_file.json, read when no token is given")
@@ -54,8 +61,9 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="--local batch size")
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="--local decoding processes [0 on CPU, 4 on CUDA]")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def score(directory: Path, out: Path, local: bool, model: str | None, urls: tuple[str, ...], token: str | None,
-          key_file: Path, concurrency: int, timeout: float, retries: int, top_k: int | None,
+def score(directory: Path, out: Path, local: bool, model: str | None, urls: tuple[str, ...], protocol: str,
+          host_header: str | None, token: str | None, key_file: Path, concurrency: int, timeout: float, retries: int,
+          top_k: int | None,
           labels_from_folders: bool | None, resume: bool, device: str, batch_size: int, workers: int | None,
           quiet: bool) -> None:
     """Score every image under DIRECTORY into OUT (CSV), one row per file.
@@ -65,7 +73,8 @@ def score(directory: Path, out: Path, local: bool, model: str | None, urls: tupl
     top_k (JSON), true_label, error, error_code, model_version.
     """
     try:
-        code = run_score(directory, out, local=local, model=model, urls=list(urls), token=token, key_file=key_file,
+        code = run_score(directory, out, local=local, model=model, urls=list(urls), protocol=protocol,
+                         host_header=host_header, token=token, key_file=key_file,
                          concurrency=concurrency, timeout=timeout, retries=retries, top_k=top_k,
                          labels_from_folders=labels_from_folders, resume=resume, device=device,
                          batch_size=batch_size, workers=workers, quiet=quiet)
@@ -76,7 +85,8 @@ def score(directory: Path, out: Path, local: bool, model: str | None, urls: tupl
 
 
 def _scorer(local: bool, model: str | None, urls: list[str], token: str | None, key_file: Path, concurrency: int,
-            timeout: float, retries: int, top_k: int | None, device: str, batch_size: int, workers: int | None):
+            timeout: float, retries: int, top_k: int | None, device: str, batch_size: int, workers: int | None,
+            protocol: str = "torchserve", host_header: str | None = None):
     if local:
         import torch
         from fruitserve.train.utils import select_device
@@ -101,17 +111,20 @@ def _scorer(local: bool, model: str | None, urls: list[str], token: str | None, 
             token = read_tokens(key_file).get("inference")
         except (OSError, ValueError, KeyError) as exc:
             raise UsageError(f"cannot read a token from {key_file}: {exc}") from None
-    return RemoteScorer(urls, model or "fruit", token, concurrency, timeout, retries=retries, top_k=top_k)
+    return RemoteScorer(urls, model or "fruit", token, concurrency, timeout, retries=retries, top_k=top_k,
+                        protocol=protocol, host_header=host_header)
 
 
 def run_score(directory: Path, out: Path, *, local: bool, model: str | None, urls: list[str], token: str | None,
               key_file: Path, concurrency: int, timeout: float, retries: int, top_k: int | None,
               labels_from_folders: bool | None, resume: bool, device: str, batch_size: int, workers: int | None,
-              quiet: bool) -> int:
+              quiet: bool, protocol: str = "torchserve", host_header: str | None = None) -> int:
     paths, ignored = find_images(directory)
     order = [p.as_posix() for p in paths]
+    if local and protocol != "torchserve":
+        raise UsageError("--protocol chooses how to call a server; it cannot be combined with --local")
     scorer = _scorer(local, model, urls, token, key_file, concurrency, timeout, retries, top_k, device, batch_size,
-                     workers)
+                     workers, protocol, host_header)
     try:
         writer = ResultWriter(out, order, resume)
     except ValueError as exc:

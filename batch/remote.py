@@ -1,7 +1,15 @@
-"""Score files against running TorchServe servers over keep-alive HTTP, with retries and timeouts."""
+"""Score files against running TorchServe servers over keep-alive HTTP, with retries and timeouts.
+
+``protocol`` picks the request format and path: ``torchserve`` posts the raw file to
+``/predictions/{model}``; ``kserve-v1`` posts ``{"instances": [{"data": "<base64>"}]}`` to
+``/v1/models/{model}:predict``; ``kserve-v2`` posts a BYTES input to ``/v2/models/{model}/infer``.
+The KServe paths are the same on a KServe InferenceService and on TorchServe itself (its
+frontend routes them to the model), so ``--url`` is always just the base address.
+"""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import random
@@ -18,6 +26,11 @@ from .errors import ServerUnavailable, UsageError
 from .results import Result
 
 RETRY_STATUSES = {503, 507}  # overloaded or out of memory: worth another try; any other 4xx/5xx is final
+PROTOCOLS = ("torchserve", "kserve-v1", "kserve-v2")
+
+
+class BadAnswer(ValueError):
+    """A 200 answer that does not hold one prediction in the protocol's shape."""
 
 
 @dataclass
@@ -31,15 +44,58 @@ class RemoteScorer:
     retries: int = 5
     backoff: float = 0.5
     top_k: int | None = None
+    protocol: str = "torchserve"
+    host_header: str | None = None
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise UsageError(f"unknown protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
         self.urls = [u.rstrip("/") for u in self.urls]
-        self.headers = {"Content-Type": "application/octet-stream"}
+        content_type = "application/octet-stream" if self.protocol == "torchserve" else "application/json"
+        self.headers = {"Content-Type": content_type}
         if self.token:
             self.headers["Authorization"] = f"Bearer {self.token}"
         if self.top_k:
             self.headers["X-Top-K"] = str(self.top_k)
+        if self.host_header:  # KServe's ingress routes on the Host header (the InferenceService's hostname)
+            self.headers["Host"] = self.host_header
+
+    @property
+    def path(self) -> str:
+        return {"torchserve": f"/predictions/{self.model}", "kserve-v1": f"/v1/models/{self.model}:predict",
+                "kserve-v2": f"/v2/models/{self.model}/infer"}[self.protocol]
+
+    def encode(self, image: bytes) -> bytes:
+        """The request body for one image."""
+        if self.protocol == "torchserve":
+            return image
+        data = base64.b64encode(image).decode("ascii")
+        if self.protocol == "kserve-v1":
+            instance: dict = {"data": data}
+            if self.top_k:
+                instance["top_k"] = self.top_k
+            return json.dumps({"instances": [instance]}).encode()
+        request: dict = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [data]}]}
+        if self.top_k:
+            request["parameters"] = {"top_k": self.top_k}
+        return json.dumps(request).encode()
+
+    def decode(self, body: bytes) -> dict:
+        """The one prediction (or per-image error) in a 200 answer."""
+        try:
+            answer = json.loads(body)
+            if self.protocol == "kserve-v1":
+                answer = _single(answer["predictions"])
+            elif self.protocol == "kserve-v2":
+                answer = _single(_single(answer["outputs"])["data"])
+            if isinstance(answer, str):  # v2 BYTES, and TorchServe's own envelopes, carry the JSON as a string
+                answer = json.loads(answer)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BadAnswer(f"unexpected {self.protocol} answer ({exc}): {body[:200]!r}") from None
+        if not isinstance(answer, dict):
+            raise BadAnswer(f"unexpected {self.protocol} answer: {body[:200]!r}")
+        return answer
 
     def _connection(self, url: str) -> http.client.HTTPConnection:
         """One keep-alive connection per thread and server: ``http.client`` costs far less CPU per request than
@@ -62,7 +118,7 @@ class RemoteScorer:
     def _post(self, url: str, payload: bytes) -> tuple[int, bytes]:
         conn = self._connection(url)
         try:
-            conn.request("POST", f"{urlsplit(url).path}/predictions/{self.model}", body=payload,
+            conn.request("POST", f"{urlsplit(url).path}{self.path}", body=payload,
                          headers=self.headers | {"Content-Length": str(len(payload))})
             response = conn.getresponse()
             body = response.read()
@@ -73,22 +129,30 @@ class RemoteScorer:
             self._drop(url)
         return response.status, body
 
+    def _ready_paths(self) -> list[str]:
+        # KServe answers its own readiness paths; TorchServe answers neither (404) but has /ping
+        kserve = {"kserve-v1": [f"/v1/models/{self.model}"], "kserve-v2": [f"/v2/models/{self.model}/ready"]}
+        return kserve.get(self.protocol, []) + ["/ping"]
+
     def check_ready(self) -> None:
         for url in self.urls:
-            try:
-                response = requests.get(f"{url}/ping", headers=self.headers, timeout=(self.connect_timeout, 10))
-            except requests.RequestException as exc:
-                raise ServerUnavailable(f"cannot reach {url}: {type(exc).__name__}; is torchserve running?") from None
+            for path in self._ready_paths():
+                try:
+                    response = requests.get(f"{url}{path}", headers=self.headers, timeout=(self.connect_timeout, 10))
+                except requests.RequestException as exc:
+                    raise ServerUnavailable(f"cannot reach {url}: {type(exc).__name__}; is the server running?") from None
+                if response.status_code != 404 or path == "/ping":
+                    break
             if response.status_code in (400, 401, 403) and "token" in response.text.lower():
                 raise UsageError(f"{url} rejected the token: pass --token, set FRUIT_TOKEN, or point --key-file at "
                                  "the server's key_file.json")
             if response.status_code != 200:
-                raise ServerUnavailable(f"{url}/ping answered {response.status_code}: {response.text.strip()[:200]}")
+                raise ServerUnavailable(f"{url}{path} answered {response.status_code}: {response.text.strip()[:200]}")
 
     def score_one(self, root: Path, rel: Path, attempt_offset: int, stop: threading.Event) -> Result:
         path = rel.as_posix()
         try:
-            payload = (root / rel).read_bytes()
+            payload = self.encode((root / rel).read_bytes())
         except OSError as exc:
             return Result.failed(path, f"cannot read file: {exc.strerror or exc}")
         last = ""
@@ -100,7 +164,7 @@ class RemoteScorer:
                 last = f"{url}: {type(exc).__name__}"
             else:
                 if status == 200:
-                    return Result.ok(path, json.loads(body))
+                    return self._result(path, body)
                 if status not in RETRY_STATUSES:
                     return Result.failed(path, _error_message(status, body), status)
                 last = f"{url}: HTTP {status}"
@@ -143,6 +207,25 @@ class RemoteScorer:
                     future.cancel()
             if unavailable is not None:
                 raise unavailable
+
+
+    def _result(self, path: str, body: bytes) -> Result:
+        try:
+            answer = self.decode(body)
+        except BadAnswer as exc:
+            return Result.failed(path, str(exc))
+        if "error" in answer and "label" not in answer:  # KServe answers 200 and puts the image's error in its slot
+            code = answer.get("code")
+            return Result.failed(path, str(answer["error"]), code if isinstance(code, int) else None)
+        if not {"label", "confidence", "top_k"} <= answer.keys():
+            return Result.failed(path, f"unexpected {self.protocol} answer: {str(answer)[:200]}")
+        return Result.ok(path, answer)
+
+
+def _single(items: object) -> object:
+    if not isinstance(items, list) or len(items) != 1:
+        raise ValueError(f"expected one element, got {items!r:.80}")
+    return items[0]
 
 
 def _error_message(status: int, body: bytes) -> str:
