@@ -1,0 +1,287 @@
+"""KServe v1/v2 protocols against real torchserve servers, and ``fruit-batch --protocol kserve-v1|kserve-v2``.
+
+Three servers: the deployed KServe set-up (``deploy/kserve/config/config.properties``: no TorchServe
+envelope, the handler speaks v1/v2 itself, ``batchSize`` 32), and TorchServe's own ``kserve`` and
+``kservev2`` envelopes, which only work with ``batchSize`` 1 (see the handler's docstring).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+from conftest import jpeg_bytes
+from fruitserve.batch.cli import main as batch_main
+from fruitserve.model_store.archive import build_archive
+from fruitserve.model_store.server import TorchServe, _read_properties
+from fruitserve.train.synthetic import CLASSES
+
+pytestmark = pytest.mark.server
+TIMEOUT = 60
+ROOT = Path(__file__).resolve().parents[1]
+KSERVE_CONFIG = ROOT / "deploy" / "kserve" / "config" / "config.properties"
+# what the deployed config decides about serving; addresses, ports and the model store are the test's own
+SERVING_KEYS = ("model_snapshot", "service_envelope", "max_request_size", "max_response_size",
+                "default_response_timeout", "job_queue_size", "number_of_netty_threads", "netty_client_threads")
+ONE_BY_ONE_CONFIG = """minWorkers: 1
+maxWorkers: 1
+batchSize: 1
+maxBatchDelay: 0
+responseTimeout: 60
+"""
+
+
+def b64(payload: bytes) -> str:
+    return base64.b64encode(payload).decode()
+
+
+def images(n: int, seed: int = 0) -> list[bytes]:
+    names = sorted(CLASSES)
+    return [jpeg_bytes(names[i % len(names)], seed=seed + i) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def deployed(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
+    """TorchServe as the KServe config runs it: tokens off, its model snapshot and envelope setting."""
+    config = _read_properties(KSERVE_CONFIG)
+    extra = {k: config[k] for k in SERVING_KEYS if k in config}
+    ts = TorchServe(workdir=tmp_path_factory.mktemp("ts_kserve"), model_store=model_store, token_auth=False,
+                    extra_config=extra)
+    ts.start()
+    try:
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture(scope="module")
+def one_by_one_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("store_batch1")
+    config = store.parent / "batch1-config.yaml"
+    config.write_text(ONE_BY_ONE_CONFIG)
+    build_archive(trained_run, store, config_file=config)
+    return store
+
+
+@pytest.fixture(scope="module", params=["kserve", "kservev2"])
+def ts_envelope(request: pytest.FixtureRequest, one_by_one_store: Path, tmp_path_factory: pytest.TempPathFactory):
+    """TorchServe's own envelope, with the batch size of 1 it needs."""
+    ts = TorchServe(workdir=tmp_path_factory.mktemp(f"ts_{request.param}"), model_store=one_by_one_store,
+                    token_auth=False, envelope=request.param)
+    ts.start()
+    try:
+        yield ts
+    finally:
+        ts.stop()
+
+
+def plain(ts: TorchServe, payload: bytes) -> dict:
+    response = requests.post(f"{ts.inference_url}/predictions/fruit", data=payload, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def v1(ts: TorchServe, instances: list, **extra) -> requests.Response:
+    return requests.post(f"{ts.inference_url}/v1/models/fruit:predict", json={"instances": instances} | extra,
+                         timeout=TIMEOUT)
+
+
+def v2_request(*inputs: list[str], request_id: str | None = None) -> dict:
+    body: dict = {"inputs": [{"name": f"image-{i}", "shape": [len(data)], "datatype": "BYTES", "data": data}
+                             for i, data in enumerate(inputs)]}
+    if request_id:
+        body["id"] = request_id
+    return body
+
+
+def v2(ts: TorchServe, body: dict) -> requests.Response:
+    return requests.post(f"{ts.inference_url}/v2/models/fruit/infer", json=body, timeout=TIMEOUT)
+
+
+def same(served: dict, expected: dict) -> None:
+    assert served["label"] == expected["label"] and served["model_version"] == expected["model_version"]
+    n = len(served["top_k"])  # the request may ask for fewer classes than the reference
+    assert [t["label"] for t in served["top_k"]] == [t["label"] for t in expected["top_k"][:n]]
+    assert served["confidence"] == pytest.approx(expected["confidence"], abs=1e-5)
+
+
+def batches_so_far(ts: TorchServe) -> int:
+    """Server-side batches the worker has run (it logs one line per batch)."""
+    log = ts.workdir / "logs" / "model_log.log"
+    return log.read_text(errors="replace").count("Backend received inference") if log.is_file() else 0
+
+
+# --- the deployed set-up: the handler speaks KServe itself ---------------------------------------------
+
+
+def test_deployed_config_leaves_the_protocol_to_the_handler():
+    config = _read_properties(KSERVE_CONFIG)
+    assert "service_envelope" not in config  # TorchServe's envelopes break batching (503 for the whole batch)
+    snapshot = json.loads(config["model_snapshot"])["models"]["fruit"]
+    assert next(iter(snapshot.values()))["batchSize"] > 1
+
+
+def test_v1_single_instance_equals_plain_prediction(deployed: TorchServe):
+    payload = jpeg_bytes("Lime", seed=11)
+    response = v1(deployed, [{"data": b64(payload)}])
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    (prediction,) = response.json()["predictions"]
+    same(prediction, plain(deployed, payload))
+
+
+def test_v2_single_input_equals_plain_prediction(deployed: TorchServe):
+    payload = jpeg_bytes("Kiwi", seed=12)
+    response = v2(deployed, v2_request([b64(payload)], request_id="req-42"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == "req-42" and body["model_name"] == "fruit" and body["model_version"]
+    (output,) = body["outputs"]
+    assert output["name"] == "image-0" and output["datatype"] == "BYTES" and output["shape"] == [1]
+    same(json.loads(output["data"][0]), plain(deployed, payload))
+
+
+def test_multi_instance_v1_with_bad_instances(deployed: TorchServe):
+    good = images(3, seed=20)
+    instances = [{"data": b64(good[0])}, {"b64": b64(good[1])}, "***not base64***",
+                 {"data": b64(b"plain text, not a picture")}, b64(good[2])]
+    response = v1(deployed, instances)
+    assert response.status_code == 200, response.text  # one bad image does not fail the others
+    predictions = response.json()["predictions"]
+    assert len(predictions) == len(instances)
+    for served, payload in zip([predictions[0], predictions[1], predictions[4]], good, strict=True):
+        same(served, plain(deployed, payload))
+    assert predictions[2]["code"] == 400 and "base64" in predictions[2]["error"]
+    assert predictions[3]["code"] == 415 and predictions[3]["error"]
+
+
+def test_multi_image_v2_with_a_bad_image_and_top_k(deployed: TorchServe):
+    good = images(3, seed=30)
+    body = v2_request([b64(good[0]), "***not base64***", b64(good[1])], [b64(good[2])])
+    body["parameters"] = {"top_k": 2}
+    response = v2(deployed, body)
+    assert response.status_code == 200, response.text
+    first, second = response.json()["outputs"]
+    assert first["shape"] == [3] and second["shape"] == [1] and second["name"] == "image-1"
+    answers = [json.loads(d) for d in first["data"] + second["data"]]
+    for served, payload in zip([answers[0], answers[2], answers[3]], good, strict=True):
+        same(served, plain(deployed, payload))
+        assert len(served["top_k"]) == 2
+    assert answers[1]["code"] == 400
+
+
+def test_malformed_kserve_requests_are_400(deployed: TorchServe):
+    assert v1(deployed, []).status_code == 400
+    assert v1(deployed, [b64(jpeg_bytes())], top_k="zero").status_code == 400
+    tensor = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0.5]}]}
+    response = v2(deployed, tensor)
+    assert response.status_code == 400 and "BYTES" in response.json()["error"]
+    assert v2(deployed, {"inputs": "nothing"}).status_code == 400
+
+
+def test_concurrent_v1_v2_and_plain_requests_share_server_batches(deployed: TorchServe):
+    payloads = images(24, seed=40)
+    expected = [plain(deployed, p) for p in payloads]
+    before = batches_so_far(deployed)
+
+    def call(i: int) -> dict:
+        if i % 3 == 0:
+            response = v1(deployed, [{"data": b64(payloads[i])}])
+            return response.json()["predictions"][0] if response.status_code == 200 else {"status": response.status_code}
+        if i % 3 == 1:
+            response = v2(deployed, v2_request([b64(payloads[i])], request_id=f"r{i}"))
+            if response.status_code != 200:
+                return {"status": response.status_code}
+            assert response.json()["id"] == f"r{i}"
+            return json.loads(response.json()["outputs"][0]["data"][0])
+        return plain(deployed, payloads[i])
+
+    with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
+        answers = list(pool.map(call, range(len(payloads))))
+    for answer, reference in zip(answers, expected, strict=True):
+        same(answer, reference)
+    # the point of the test: TorchServe put several of these requests in one batch, and each got its own answer
+    assert batches_so_far(deployed) - before < len(payloads)
+
+
+# --- TorchServe's own envelopes (service_envelope=kserve|kservev2, batchSize 1) -------------------------
+
+
+def test_handler_under_torchserve_envelope(ts_envelope: TorchServe, deployed: TorchServe):
+    good = images(2, seed=50)
+    if ts_envelope.envelope == "kserve":
+        response = v1(ts_envelope, [{"data": b64(good[0])}, "***not base64***", {"b64": b64(good[1])}])
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        same(predictions[0], plain(deployed, good[0]))
+        same(predictions[2], plain(deployed, good[1]))
+        assert predictions[1]["code"] == 400
+    else:
+        # TorchServe's v2 envelope reads one image per input (data[0]): send one input per image
+        response = v2(ts_envelope, v2_request([b64(good[0])], [b64(good[1])], request_id="env-1"))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["id"] == "env-1" and [o["name"] for o in body["outputs"]] == ["image-0", "image-1"]
+        for output, payload in zip(body["outputs"], good, strict=True):
+            same(json.loads(output["data"][0]), plain(deployed, payload))
+
+
+# --- fruit-batch --protocol ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_folder(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("kserve_batch")
+    for class_dir in sorted((demo_data / "Test").iterdir())[:4]:
+        target = root / class_dir.name
+        target.mkdir()
+        for image in sorted(class_dir.iterdir())[:3]:
+            shutil.copy(image, target / image.name)
+    (root / class_dir.name / "notes.png").write_bytes(b"text, not a picture")
+    return root
+
+
+def run_batch(folder: Path, out: Path, *args: str) -> dict[str, dict[str, str]]:
+    result = CliRunner().invoke(batch_main, ["score", str(folder), str(out), "--quiet", "--timeout", "30",
+                                             "--retries", "1", "--key-file", str(out.parent / "none.json"), *args])
+    assert result.exit_code == 1, result.output  # every file scored except the one that is not an image
+    with open(out, newline="", encoding="utf-8") as handle:
+        return {row["path"]: row for row in csv.DictReader(handle)}
+
+
+def test_fruit_batch_protocols_give_the_same_rows(small_folder: Path, deployed: TorchServe, model_store: Path,
+                                                  tmp_path: Path):
+    local = run_batch(small_folder, tmp_path / "local.csv", "--local", "--model", str(model_store / "fruit.mar"))
+    for protocol in ("torchserve", "kserve-v1", "kserve-v2"):
+        rows = run_batch(small_folder, tmp_path / f"{protocol}.csv", "--url", deployed.inference_url,
+                         "--protocol", protocol, "--top-k", "2")
+        assert list(rows) == list(local), protocol
+        for path, row in rows.items():
+            assert (row["status"], row["label"], row["error_code"]) == (
+                local[path]["status"], local[path]["label"], local[path]["error_code"]), (protocol, path)
+            if row["status"] == "ok":
+                assert float(row["confidence"]) == pytest.approx(float(local[path]["confidence"]), abs=1e-4)
+                assert len(json.loads(row["top_k"])) == 2
+    assert rows[next(p for p in rows if p.endswith("notes.png"))]["error_code"] == "415"
+
+
+def test_fruit_batch_against_torchserve_envelope(small_folder: Path, ts_envelope: TorchServe, deployed: TorchServe,
+                                                 tmp_path: Path):
+    protocol = {"kserve": "kserve-v1", "kservev2": "kserve-v2"}[ts_envelope.envelope]
+    reference = run_batch(small_folder, tmp_path / "ref.csv", "--url", deployed.inference_url)
+    rows = run_batch(small_folder, tmp_path / "envelope.csv", "--url", ts_envelope.inference_url,
+                     "--protocol", protocol, "--concurrency", "4")
+    assert {p: (r["status"], r["label"], r["error_code"]) for p, r in rows.items()} == {
+        p: (r["status"], r["label"], r["error_code"]) for p, r in reference.items()}
+
+
+def test_local_and_protocol_do_not_mix(small_folder: Path, tmp_path: Path):
+    result = CliRunner().invoke(batch_main, ["score", str(small_folder), str(tmp_path / "x.csv"), "--local",
+                                             "--protocol", "kserve-v1"])
+    assert result.exit_code == 2 and "--local" in result.output
