@@ -151,16 +151,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (antialiased bilinear), then the central ``size`` square."""
+    """Shorter side to ``size`` (antialiased bilinear), then the central ``size`` square.
+
+    Only the central square of the source is resampled (Pillow's ``box``; the filter still
+    reads the pixels just outside it), so a 1x1,000,000 strip costs a ``size``-square of
+    memory, not a ``size`` x 64,000,000 intermediate image.
+    """
     width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    if (new_w, new_h) != (size, size):
-        image = image.crop((left, top, left + size, top + size))
-    return image
+    if (width, height) == (size, size):
+        return image
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return image.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=None)
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:

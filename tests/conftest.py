@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import random
 from pathlib import Path
@@ -46,3 +47,8 @@ def image_bytes(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -14,18 +13,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import image_bytes, jpeg_bytes
+from conftest import image_bytes, jpeg_bytes, read_csv
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.batch.files import find_images
 from fruitserve.batch.results import COLUMNS, read_rows
 from fruitserve.model_store.server import TorchServe
 from fruitserve.train.train import main as train_main
 from PIL import Image
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,18 @@ def test_resize_and_crop_gives_square(size):
     assert resize_and_crop(image, 32).size == (32, 32)
 
 
+def test_extreme_strip_resamples_only_the_central_square(monkeypatch):
+    # Resizing the whole 1x2,000,000 strip first would allocate a 32x64,000,000 image (6 GB).
+    strip = Image.new("RGB", (1, 2_000_000), (0, 0, 255))
+    strip.paste((200, 30, 30), (0, 1_000_000 - 1, 1, 1_000_000 + 1))  # red only at the very centre
+    resized = []
+    original = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: resized.append(size) or original(self, size, *a, **k))
+    out = resize_and_crop(strip, 32)
+    assert out.size == (32, 32) and resized == [(32, 32)]
+    assert out.getpixel((16, 16))[0] > 150  # it is the centre that was kept
+
+
 def test_alpha_is_composited_on_white():
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
     decoded = decode_image(image_bytes(rgba, "PNG"))
