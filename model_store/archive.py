@@ -51,7 +51,12 @@ def build_archive(run_dir: Path, export_path: Path, model_name: str = "fruit", v
                "--serialized-file", str(run_dir / MODEL_FILE), "--handler", str(HANDLER_FILE),
                "--extra-files", ",".join(extra), "--config-file", str(config_file),
                "--export-path", tmp, "--force"]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        # torch-model-archiver stages the files in $TMPDIR/<model_name>, a path shared by every build of the
+        # same name: two builds at once (CI jobs, a retrain while tests run) would pack each other's files.
+        staging = Path(tmp) / "staging"
+        staging.mkdir()
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                env=os.environ | {"TMPDIR": str(staging)})
         built = Path(tmp) / f"{model_name}.mar"
         if result.returncode != 0 or not built.is_file():
             raise ModelDirError(f"torch-model-archiver failed ({result.returncode}): {result.stderr.strip()[-2000:]}")

@@ -207,3 +207,20 @@ def test_archive_contents(model_store: Path):
             "index_to_name.json", "metadata.json", "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
     manifest = json.loads(zipfile.ZipFile(model_store / "fruit.mar").read("MAR-INF/MANIFEST.json"))
     assert manifest["model"]["modelName"] == "fruit" and manifest["model"]["modelVersion"]
+
+
+def test_concurrent_builds_keep_their_own_files(tmp_path: Path, trained_run: Path):
+    # torch-model-archiver stages in $TMPDIR/<model name>; two builds at once must not swap files.
+    import zipfile
+
+    runs = []
+    for i in range(2):
+        run = shutil.copytree(trained_run, tmp_path / f"run{i}")
+        labels = load_labels(run / "index_to_name.json")
+        (run / "index_to_name.json").write_text(json.dumps({str(j): f"{name} {i}" for j, name in enumerate(labels)}))
+        runs.append(run)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        built = list(pool.map(lambda job: build_archive(runs[job % 2], tmp_path / f"store{job}")[0], range(4)))
+    for job, archive in enumerate(built):
+        labels = json.loads(zipfile.ZipFile(archive).read("index_to_name.json"))
+        assert labels["0"].endswith(f" {job % 2}"), (job, labels)
