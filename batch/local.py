@@ -13,6 +13,8 @@ from fruitserve.handler.artifacts import (
     LABELS_FILE,
     METADATA_FILE,
     MODEL_FILE,
+    ModelDirError,
+    check_outputs,
     load_labels,
     load_metadata,
     load_torchscript,
@@ -78,6 +80,10 @@ class LocalScorer:
         if threads:
             torch.set_num_threads(threads)
         self.model = load_torchscript(model_dir / MODEL_FILE, device)
+        try:
+            check_outputs(self.model, len(self.labels), self.config.input_size, device)
+        except ModelDirError as exc:
+            raise UsageError(f"{model}: {exc}") from None
         self.batch_size, self.workers = batch_size, workers
         self.k = clamp_top_k(top_k, len(self.labels))
 

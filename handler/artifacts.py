@@ -34,6 +34,19 @@ def load_torchscript(path: str | os.PathLike, device: torch.device) -> torch.jit
     return model.eval()
 
 
+def check_outputs(model: torch.jit.ScriptModule, num_labels: int, input_size: int, device: torch.device) -> None:
+    """Run one blank image through the model: its class count must match the labels, or every answer would be wrong.
+
+    Also the warm-up, so the first real request does not pay for TorchScript's first-run optimisation.
+    """
+    with torch.inference_mode():
+        for batch in (1, 8):
+            outputs = model(torch.zeros(batch, 3, input_size, input_size, device=device))
+    if outputs.ndim != 2 or outputs.shape[1] != num_labels:
+        raise ModelDirError(f"the model gives {tuple(outputs.shape[1:])} outputs per image, but {LABELS_FILE} "
+                            f"names {num_labels} classes: model.pt and {LABELS_FILE} come from different runs")
+
+
 def load_labels(path: str | os.PathLike) -> list[str]:
     """``index_to_name.json`` (TorchServe's format) to a list indexed by class id."""
     with open(path, encoding="utf-8") as handle:

@@ -31,11 +31,11 @@ import time
 import torch
 
 try:  # inside the installed package
-    from .artifacts import LABELS_FILE, METADATA_FILE, MODEL_FILE, load_labels, load_metadata, load_torchscript
+    from .artifacts import LABELS_FILE, METADATA_FILE, MODEL_FILE, check_outputs, load_labels, load_metadata, load_torchscript
     from .predictions import DEFAULT_TOP_K, Decoded, Parsed, clamp_top_k, format_predictions, probabilities
     from .preprocessing import InputError, PreprocessConfig, load_uint8, normalize
 except ImportError:  # inside fruit.mar, where TorchServe puts these files side by side on sys.path
-    from artifacts import LABELS_FILE, METADATA_FILE, MODEL_FILE, load_labels, load_metadata, load_torchscript
+    from artifacts import LABELS_FILE, METADATA_FILE, MODEL_FILE, check_outputs, load_labels, load_metadata, load_torchscript
     from predictions import DEFAULT_TOP_K, Decoded, Parsed, clamp_top_k, format_predictions, probabilities
     from preprocessing import InputError, PreprocessConfig, load_uint8, normalize
 
@@ -217,16 +217,11 @@ class FruitHandler:
         manifest_name = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelName")
         self.model_name = str(manifest_name or getattr(context, "model_name", None) or self.model_name)
         self.model = load_torchscript(os.path.join(model_dir, MODEL_FILE), self.device)
-        self._warm_up()
+        check_outputs(self.model, len(self.labels), self.config.input_size, self.device)
         log.info("fruit model %s on %s: %d classes, input %dpx, %d threads", self.model_version, self.device,
                  len(self.labels), self.config.input_size, torch.get_num_threads())
         self.initialized = True
 
-    def _warm_up(self) -> None:
-        size = self.config.input_size
-        with torch.inference_mode():
-            for batch in (1, 8):
-                self.model(torch.zeros(batch, 3, size, size, device=self.device))
 
     def preprocess(self, data: list) -> list[Parsed]:
         envelope = ts_envelope(data, self._n_requests(len(data)))

@@ -117,6 +117,15 @@ def test_usage_errors_exit_2(messy_folder: Path, tmp_path: Path):
     assert result.exit_code == 2
 
 
+def test_labels_from_another_run_exit_2(messy_folder: Path, trained_run: Path, tmp_path: Path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    (run / "index_to_name.json").write_text(json.dumps({"0": "Apple", "1": "Pear"}))  # the model has 7 classes
+    out = tmp_path / "o.csv"
+    result = CliRunner().invoke(batch_main, ["score", str(messy_folder), str(out), "--local", "--model", str(run)])
+    assert result.exit_code == 2 and "names 2 classes" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_unreachable_server_exits_3(messy_folder: Path, tmp_path: Path):
     result = CliRunner().invoke(batch_main, ["score", str(messy_folder), str(tmp_path / "o.csv"),
                                              "--url", "http://127.0.0.1:9", "--quiet"])
