@@ -4,6 +4,7 @@
 #
 #   make mar                                  # model_store/fruit.mar must exist: it is copied into the image
 #   docker build -t fruitserve .              # podman: add --format docker, or the OCI format drops HEALTHCHECK
+#   make docker-test                          # the real build-and-run check (scripts/docker_test.sh)
 #   docker run -d --name fruitserve -p 127.0.0.1:8080:8080 -p 127.0.0.1:8082:8082 fruitserve
 #   TOKEN=$(docker exec fruitserve python -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])')
 #   curl -H "Authorization: Bearer $TOKEN" -T apple.jpg http://127.0.0.1:8080/predictions/fruit
@@ -14,9 +15,16 @@
 
 # One pinned base for both stages, so the venv built below finds the same /usr/local/bin/python3.11.
 # For byte-for-byte rebuilds pin it by digest as well (python:3.11-slim-bookworm@sha256:...).
+# Without registry access, docker/base/make-base.sh makes a stand-in under this name (Debian's Python 3.11).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
+# Build-time pip settings, unset unless given with --build-arg: a package index (a mirror), and a CA bundle
+# for a TLS-intercepting proxy (mount it into the build: `podman build -v /etc/ssl/certs:/run/host-certs:ro
+# --build-arg PIP_CERT=/run/host-certs/ca-certificates.crt`, as scripts/docker_test.sh does). They reach
+# only this stage, never the runtime image.
+ARG PIP_INDEX_URL
+ARG PIP_CERT
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv

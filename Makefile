@@ -12,12 +12,13 @@ MODEL_API ?= false
 AUTH ?= true
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-all lint demo train mar serve stop bench clean
+.PHONY: help venv test test-all lint demo train mar serve stop bench clean docker-test
 
 help:
 	@echo "make demo    train (synthetic data, or Fruits-360 when present), build fruit.mar, serve, score a folder"
 	@echo "make test    lint + the quick test suite (real torchserve included); make test-all adds slow tests"
 	@echo "make train [DATA=dir] [EPOCHS=n]   make mar [RUN=runs/<run>]   make serve [MODEL_API=true] [AUTH=false]   make stop"
+	@echo "make docker-test   build the image, run it, wait for healthy, POST a JPEG, stop (podman or docker; slow, not in make test)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, found {sys.version.split()[0]}"'
@@ -61,6 +62,9 @@ serve: $(STAMP)
 
 stop: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" torchserve --stop
+
+docker-test:
+	bash scripts/docker_test.sh
 
 demo: $(STAMP)
 	DATA="$(DATA)" EPOCHS="$(EPOCHS)" bash scripts/demo.sh
