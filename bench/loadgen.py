@@ -10,7 +10,7 @@ import http.client
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 
@@ -22,6 +22,7 @@ class LoadResult:
     statuses: dict[int, int]
     latencies_ms: list[float]
     client_cpu_share: float  # of the whole machine (all cores)
+    latencies_by_status: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -46,6 +47,7 @@ def run_load(url: str, path: str, payloads: list[bytes], concurrency: int, total
     lock = threading.Lock()
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    by_status: dict[int, list[float]] = {}
 
     def worker() -> None:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
@@ -69,6 +71,7 @@ def run_load(url: str, path: str, payloads: list[bytes], concurrency: int, total
             with lock:
                 latencies.append(elapsed)
                 statuses[status] = statuses.get(status, 0) + 1
+                by_status.setdefault(status, []).append(elapsed)
         conn.close()
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -79,4 +82,4 @@ def run_load(url: str, path: str, payloads: list[bytes], concurrency: int, total
         t.join()
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
-    return LoadResult(concurrency, total, wall, statuses, latencies, cpu / wall / (os.cpu_count() or 1))
+    return LoadResult(concurrency, total, wall, statuses, latencies, cpu / wall / (os.cpu_count() or 1), by_status)

@@ -183,6 +183,9 @@ def cases() -> list[Case]:
         # --- too large: refused from the header, before any pixel is decoded ---
         Case("png_bomb_20000x20000", 413, "400 megapixels declared, over the 50-megapixel limit (image_too_large)",
              png_bomb(), file_name="bomb.png"),
+        Case("png_60_megapixels", 413, "8000x7500 declared: under Pillow's own bomb threshold (179 MP), over our "
+             "50-megapixel limit, checked from the header (image_too_large)", png_bomb(8000, 7500),
+             file_name="sixty_megapixels.png"),
         Case("gif_huge_screen", 413, "GIF logical screen of 65535x65535 declared (image_too_large)",
              gif_huge_screen(), file_name="huge_screen.gif"),
         Case("jpeg_huge_header", 413, "JPEG frame header declares 60000x60000 (image_too_large)",
