@@ -12,12 +12,13 @@ MODEL_API ?= false
 AUTH ?= true
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-all lint demo train mar serve stop bench clean docker-test
+.PHONY: help venv test test-all lint demo train mar serve stop bench clean docker-test reliability
 
 help:
 	@echo "make demo    train (synthetic data, or Fruits-360 when present), build fruit.mar, serve, score a folder"
 	@echo "make test    lint + the quick test suite (real torchserve included); make test-all adds slow tests"
 	@echo "make train [DATA=dir] [EPOCHS=n]   make mar [RUN=runs/<run>]   make serve [MODEL_API=true] [AUTH=false]   make stop"
+	@echo "make reliability [RUN=runs/<run>]   soak, worker kills, restarts, overload: the figures in RELIABILITY.md"
 	@echo "make docker-test   build the image, run it, wait for healthy, POST a JPEG, stop (podman or docker; slow, not in make test)"
 
 $(STAMP): pyproject.toml
@@ -65,6 +66,12 @@ stop: $(STAMP)
 
 docker-test:
 	bash scripts/docker_test.sh
+
+# The long reliability runs (RELIABILITY.md): 10,000-request soak, worker kills, restarts, overload.
+RELIABILITY_IMAGES := $(if $(wildcard $(SHARED_DATA)/Test),$(SHARED_DATA)/Test,data/demo/Test)
+reliability: $(STAMP) $(if $(wildcard $(SHARED_DATA)/Test),,data/demo/Training)
+	@test -n "$(RUN)" || { echo "no training run found: make train first, or make reliability RUN=runs/<run>"; exit 2; }
+	$(BIN)/python bench/reliability.py --run $(RUN) --images $(RELIABILITY_IMAGES) $(RELIABILITY_ARGS)
 
 demo: $(STAMP)
 	DATA="$(DATA)" EPOCHS="$(EPOCHS)" bash scripts/demo.sh

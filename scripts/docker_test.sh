@@ -35,7 +35,14 @@ fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 
-command -v "$ENGINE" >/dev/null || fail "$ENGINE is not installed (apt-get install podman)"
+# Set-up is this script's job too: on a Debian machine where we are root, install podman (and what the local
+# base image needs) from the distribution's packages; elsewhere say what is missing.
+HOST_PACKAGES=(podman runc fuse-overlayfs uidmap slirp4netns debootstrap curl)
+if ! command -v "$ENGINE" >/dev/null && [ "$ENGINE" = podman ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing ${HOST_PACKAGES[*]} (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${HOST_PACKAGES[@]}"
+fi
+command -v "$ENGINE" >/dev/null || fail "$ENGINE is not installed (apt-get install ${HOST_PACKAGES[*]})"
 command -v curl >/dev/null || fail "curl is not installed"
 mkdir -p "$SCRATCH"
 
