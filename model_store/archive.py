@@ -25,7 +25,7 @@ from .server import read_tokens
 
 HANDLER_DIR = Path(handler_pkg.__file__).resolve().parent
 HANDLER_FILE = HANDLER_DIR / "fruit_handler.py"
-SHARED_MODULES = ("preprocessing.py", "predictions.py", "artifacts.py")
+SHARED_MODULES = ("preprocessing.py", "predictions.py", "artifacts.py", "kserve.py")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "model-config.yaml"
 DEFAULT_STORE = Path("model_store")
 HTTP_TIMEOUT = 300  # registration loads the model and starts a worker synchronously
