@@ -14,13 +14,14 @@ from tqdm import tqdm
 
 from .errors import BatchError, ServerUnavailable, UsageError
 from .files import find_images, folder_labels
+from .remote import PROTOCOLS
 from .results import COLUMNS, ResultWriter
 
 EXIT_CODES = """\b
 Exit codes:
   0  every file scored
   1  some files could not be scored (their rows say why)
-  2  usage error (bad arguments, unusable model, rejected token)
+  2  usage error (bad arguments, unusable model, no such model on the server, rejected token)
   3  server unreachable or not ready (rerun with --resume)
   130 interrupted (rerun with --resume)
 """
@@ -40,7 +41,7 @@ def main() -> None:
 @click.option("--url", "urls", multiple=True, default=("http://127.0.0.1:8080",), show_default=True,
               help="server base address (TorchServe inference address or KServe endpoint); repeat to spread the "
                    "work over several servers")
-@click.option("--protocol", type=click.Choice(["torchserve", "kserve-v1", "kserve-v2"]), default="torchserve",
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="torchserve",
               show_default=True,
               help="torchserve: raw file to /predictions/MODEL; kserve-v1: JSON instances to /v1/models/MODEL:predict; "
                    "kserve-v2: BYTES input to /v2/models/MODEL/infer (TorchServe serves these paths too)")
@@ -52,7 +53,7 @@ def main() -> None:
 @click.option("--concurrency", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for one answer")
 @click.option("--retries", type=click.IntRange(0, 20), default=5, show_default=True,
-              help="retries for connection errors, 503 and 507")
+              help="retries for connection errors, 503 and 507 (kserve protocols: also 500, 502 and 504)")
 @click.option("--top-k", type=click.IntRange(1, None), default=None, help="how many classes per row [model default]")
 @click.option("--labels-from-folders/--no-labels-from-folders", default=None,
               help="true label = first folder under DIRECTORY [default: when every folder names a known class]")

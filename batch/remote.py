@@ -26,6 +26,9 @@ from .errors import ServerUnavailable, UsageError
 from .results import Result
 
 RETRY_STATUSES = {503, 507}  # overloaded or out of memory: worth another try; any other 4xx/5xx is final
+# KServe's wrapper answers 500 for whatever TorchServe refused (overload included) and its ingress 502/504 while
+# a pod starts or is replaced: worth retrying there. From TorchServe itself a 500 is final.
+KSERVE_RETRY_STATUSES = RETRY_STATUSES | {500, 502, 504}
 PROTOCOLS = ("torchserve", "kserve-v1", "kserve-v2")
 
 
@@ -60,6 +63,7 @@ class RemoteScorer:
             self.headers["X-Top-K"] = str(self.top_k)
         if self.host_header:  # KServe's ingress routes on the Host header (the InferenceService's hostname)
             self.headers["Host"] = self.host_header
+        self.retry_statuses = RETRY_STATUSES if self.protocol == "torchserve" else KSERVE_RETRY_STATUSES
 
     @property
     def path(self) -> str:
@@ -91,7 +95,7 @@ class RemoteScorer:
                 answer = _single(_single(answer["outputs"])["data"])
             if isinstance(answer, str):  # v2 BYTES, and TorchServe's own envelopes, carry the JSON as a string
                 answer = json.loads(answer)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise BadAnswer(f"unexpected {self.protocol} answer ({exc}): {body[:200]!r}") from None
         if not isinstance(answer, dict):
             raise BadAnswer(f"unexpected {self.protocol} answer: {body[:200]!r}")
@@ -146,8 +150,17 @@ class RemoteScorer:
             if response.status_code in (400, 401, 403) and "token" in response.text.lower():
                 raise UsageError(f"{url} rejected the token: pass --token, set FRUIT_TOKEN, or point --key-file at "
                                  "the server's key_file.json")
+            if response.status_code == 404 and self.protocol != "torchserve":
+                # KServe answers its model path with 404 for a model it does not serve, and has no /ping
+                # (TorchServe has /ping but no KServe readiness paths: it passes, and the first answer tells)
+                raise self._no_model(url)
             if response.status_code != 200:
                 raise ServerUnavailable(f"{url}{path} answered {response.status_code}: {response.text.strip()[:200]}")
+
+    def _no_model(self, url: str) -> UsageError:
+        hint = " and --host-header" if self.host_header else ""
+        return UsageError(f"{url} does not serve a model named {self.model!r} (HTTP 404 on {self._ready_paths()[0]} "
+                          f"/ {self.path}): check --model{hint}")
 
     def score_one(self, root: Path, rel: Path, attempt_offset: int, stop: threading.Event) -> Result:
         path = rel.as_posix()
@@ -165,9 +178,15 @@ class RemoteScorer:
             else:
                 if status == 200:
                     return self._result(path, body)
-                if status not in RETRY_STATUSES:
+                if status == 404:  # the model, not the file: no other file would fare better
+                    raise self._no_model(url)
+                if status not in self.retry_statuses:
                     return Result.failed(path, _error_message(status, body), status)
                 last = f"{url}: HTTP {status}"
+                if status == 500 and attempt == self.retries:
+                    # a 500 that stays may be this file's own (the handler answers 500 for one request it cannot
+                    # read): a row for it, not the end of the run
+                    return Result.failed(path, _error_message(status, body), status)
             pause = min(10.0, self.backoff * 2**attempt) * (0.5 + random.random())
             if attempt < self.retries and stop.wait(pause):
                 break  # the run is stopping: leave this file for --resume
@@ -188,7 +207,7 @@ class RemoteScorer:
                     running.add(pool.submit(self.score_one, root, item[1], item[0], stop))
 
             refill()
-            unavailable: ServerUnavailable | None = None
+            unavailable: ServerUnavailable | UsageError | None = None
             try:
                 while running:
                     finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -196,7 +215,7 @@ class RemoteScorer:
                         running.discard(future)
                         try:
                             yield future.result()
-                        except ServerUnavailable as exc:
+                        except (ServerUnavailable, UsageError) as exc:
                             # stop starting new files, but keep what the other requests in flight bring back
                             unavailable = unavailable or exc
                             stop.set()
@@ -210,16 +229,29 @@ class RemoteScorer:
 
 
     def _result(self, path: str, body: bytes) -> Result:
+        """A row for a 200 answer; an answer in an unexpected shape is that file's error row, never an exception
+        (this runs in a worker thread, where an exception would end the whole run)."""
         try:
             answer = self.decode(body)
-        except BadAnswer as exc:
-            return Result.failed(path, str(exc))
-        if "error" in answer and "label" not in answer:  # KServe answers 200 and puts the image's error in its slot
-            code = answer.get("code")
-            return Result.failed(path, str(answer["error"]), code if isinstance(code, int) else None)
-        if not {"label", "confidence", "top_k"} <= answer.keys():
-            return Result.failed(path, f"unexpected {self.protocol} answer: {str(answer)[:200]}")
-        return Result.ok(path, answer)
+            if "error" in answer and "label" not in answer:  # KServe answers 200 and puts the image's error in its slot
+                code = answer.get("code")
+                return Result.failed(path, str(answer["error"])[:300], code if isinstance(code, int) else None)
+            return Result.ok(path, _checked_prediction(answer))
+        except (BadAnswer, KeyError, TypeError, ValueError) as exc:
+            message = str(exc) if isinstance(exc, BadAnswer) else f"unexpected {self.protocol} answer: {body[:200]!r}"
+            return Result.failed(path, message)
+
+
+def _checked_prediction(answer: dict) -> dict:
+    """``answer`` if it has the types the CSV needs; ``Result.row`` formats them later, in the main thread."""
+    number = (int, float)
+    top_k = answer["top_k"]
+    if not (isinstance(answer["label"], str) and isinstance(answer["confidence"], number)
+            and not isinstance(answer["confidence"], bool) and isinstance(top_k, list)
+            and all(isinstance(t, dict) and isinstance(t.get("label"), str)
+                    and isinstance(t.get("probability"), number) for t in top_k)):
+        raise TypeError("prediction fields of the wrong type")
+    return answer
 
 
 def _single(items: object) -> object:
