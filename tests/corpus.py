@@ -227,6 +227,10 @@ def cases() -> list[Case]:
         Case("ico", 200, "ICO (largest size stored)", _save(_fruit(), "ICO", sizes=[(64, 64)]), file_name="fruit.ico"),
         Case("png_saved_as_txt", 200, "a PNG with a .txt name: fruit-batch sniffs the content", png,
              file_name="looks_like_text.txt"),
+        Case("json_deeply_nested", 400, "JSON nested 100000 levels deep: TorchServe cannot parse it and passes "
+             "the bytes on; the handler refuses it (JSON nested too deeply) instead of failing the whole batch "
+             "with RecursionError", body=b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+             headers={"Content-Type": "application/json"}),
     ]
 
 

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, read_csv
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.model_store.archive import build_archive
 from fruitserve.model_store.server import TorchServe, _read_properties
 from fruitserve.train.synthetic import CLASSES
+from PIL import Image
 
 pytestmark = pytest.mark.server
 TIMEOUT = 60
@@ -36,6 +40,12 @@ batchSize: 1
 maxBatchDelay: 0
 responseTimeout: 60
 """
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1), (100, 200, 50)).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def b64(payload: bytes) -> str:
@@ -185,6 +195,101 @@ def test_malformed_kserve_requests_are_400(deployed: TorchServe):
     assert v2(deployed, {"inputs": "nothing"}).status_code == 400
 
 
+def test_v2_shape_and_id(deployed: TorchServe):
+    image = b64(jpeg_bytes("Lime", seed=13))
+    wrong = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [image]}]}
+    response = v2(deployed, wrong)
+    assert response.status_code == 400 and "shape" in response.json()["error"]
+    response = v2(deployed, v2_request([image]))  # no id: TorchServe's request id, never null
+    assert response.status_code == 200 and isinstance(response.json()["id"], str) and response.json()["id"]
+
+
+def test_wrapped_base64_is_accepted(deployed: TorchServe):
+    payload = jpeg_bytes("Kiwi", seed=14)
+    text = b64(payload)
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76)) + "\n"  # what `base64` prints
+    response = v1(deployed, [{"data": wrapped}])
+    assert response.status_code == 200, response.text
+    same(response.json()["predictions"][0], plain(deployed, payload))
+
+
+def test_plain_bodies_on_predictions_are_not_kserve(deployed: TorchServe):
+    payload = jpeg_bytes("Banana", seed=15)
+    url = f"{deployed.inference_url}/predictions/fruit"
+    extra_field = requests.post(url, json={"data": b64(payload), "inputs": "cam-3", "top_k": 2}, timeout=TIMEOUT)
+    assert extra_field.status_code == 200, extra_field.text
+    same(extra_field.json(), plain(deployed, payload))
+    assert len(extra_field.json()["top_k"]) == 2
+    instances = requests.post(url, json={"instances": [b64(payload)]}, timeout=TIMEOUT)
+    assert instances.status_code == 200 and "predictions" not in instances.json()  # the shape it always had
+    same(instances.json(), plain(deployed, payload))
+    form = requests.post(url, files={"data": ("a.jpg", payload, "image/jpeg")}, data={"top_k": "1"},
+                         timeout=TIMEOUT)
+    assert form.status_code == 200 and len(form.json()["top_k"]) == 1
+
+
+def test_too_many_images_is_413_alone(deployed: TorchServe):
+    image = b64(jpeg_bytes("Lime", seed=16))
+    many = v1(deployed, [image] * 33)  # model-config.yaml: max_images_per_request 32
+    assert many.status_code == 413 and many.json()["code"] == 413
+    tiny = b64(png_bytes())
+    assert v2(deployed, v2_request([tiny] * 5000)).status_code == 413
+    assert len(v1(deployed, [image] * 32).json()["predictions"]) == 32
+
+
+def test_deeply_nested_json_is_400_and_the_worker_lives(deployed: TorchServe):
+    pids = deployed.worker_pids()
+    body = b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v1/models/fruit:predict", "/predictions/fruit"):
+        response = requests.post(f"{deployed.inference_url}{path}", data=body,
+                                 headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+        assert response.status_code == 400 and "nested" in response.json()["error"], response.text
+    assert deployed.worker_pids() == pids
+
+
+def test_mixed_batch_keeps_each_requests_status_top_k_and_type(deployed: TorchServe):
+    """Odd requests (an empty form, a multipart file sent as text or JSON) batched with normal ones: every
+    request keeps its own status code, X-Top-K and content type (they once switched the batch's mode)."""
+    payloads = images(8, seed=60)
+    expected = [plain(deployed, p) for p in payloads]
+    url = f"{deployed.inference_url}/predictions/fruit"
+    before = batches_so_far(deployed)
+
+    def call(i: int) -> tuple[str, requests.Response]:
+        kind = ("empty_form", "text_file", "json_file", "top_k", "v1", "v2")[i % 6]
+        p = payloads[i % len(payloads)]
+        if kind == "empty_form":
+            return kind, requests.post(url, data=b"", headers={"Content-Type": "application/x-www-form-urlencoded"},
+                                       timeout=TIMEOUT)
+        if kind == "text_file":
+            return kind, requests.post(url, files={"data": ("a.txt", b"just text", "text/plain")}, timeout=TIMEOUT)
+        if kind == "json_file":
+            return kind, requests.post(url, files={"data": ("a.json", b'{"note": 1}', "application/json")},
+                                       timeout=TIMEOUT)
+        if kind == "top_k":
+            return kind, requests.post(url, data=p, headers={"X-Top-K": "2"}, timeout=TIMEOUT)
+        if kind == "v1":
+            return kind, v1(deployed, [{"data": b64(p)}])
+        return kind, v2(deployed, v2_request([b64(p)]))
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        answers = list(pool.map(call, range(48)))
+    for i, (kind, response) in enumerate(answers):
+        assert response.headers["content-type"].startswith("application/json"), (kind, response.headers)
+        reference = expected[i % len(payloads)]
+        if kind in ("empty_form", "text_file", "json_file"):
+            assert response.status_code in (400, 415) and response.json()["code"] == response.status_code, (
+                kind, response.status_code, response.text)
+        elif kind == "top_k":
+            assert response.status_code == 200 and len(response.json()["top_k"]) == 2, response.text
+            same(response.json(), reference)
+        elif kind == "v1":
+            same(response.json()["predictions"][0], reference)
+        else:
+            same(json.loads(response.json()["outputs"][0]["data"][0]), reference)
+    assert batches_so_far(deployed) - before < len(answers)
+
+
 def test_concurrent_v1_v2_and_plain_requests_share_server_batches(deployed: TorchServe):
     payloads = images(24, seed=40)
     expected = [plain(deployed, p) for p in payloads]
@@ -285,3 +390,110 @@ def test_local_and_protocol_do_not_mix(small_folder: Path, tmp_path: Path):
     result = CliRunner().invoke(batch_main, ["score", str(small_folder), str(tmp_path / "x.csv"), "--local",
                                              "--protocol", "kserve-v1"])
     assert result.exit_code == 2 and "--local" in result.output
+
+
+# --- fruit-batch against a scripted server: retries, wrong model, malformed answers ----------------------
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """Answers GETs with ``ready`` and POSTs from ``answers`` in turn (the last one repeats)."""
+
+    ready: tuple[int, bytes] = (200, b'{"name": "fruit", "ready": true}')
+    answers: list[tuple[int, bytes]] = []
+    posts: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._send(*self.ready)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).posts.append(self.path)
+        self._send(*self.answers[min(len(self.posts), len(self.answers)) - 1])
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Scripted.ready, Scripted.answers, Scripted.posts = (200, b"{}"), [], []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def score_one_file(url: str, tmp_path: Path, *args: str) -> tuple[int, str, list[dict[str, str]]]:
+    folder = tmp_path / "in"
+    folder.mkdir(exist_ok=True)
+    (folder / "a.jpg").write_bytes(jpeg_bytes())
+    out = tmp_path / "out.csv"
+    result = CliRunner().invoke(batch_main, ["score", str(folder), str(out), "--quiet", "--url", url, "--retries", "2",
+                                             "--key-file", str(tmp_path / "none.json"), *args])
+    rows = read_csv(out) if out.is_file() else []
+    return result.exit_code, result.output, rows
+
+
+GOOD_V1 = json.dumps({"predictions": [{"label": "Lime", "confidence": 0.9, "top_k": [
+    {"label": "Lime", "probability": 0.9}], "model_version": "1"}]}).encode()
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_kserve_protocols_retry_gateway_and_wrapper_errors(scripted: str, tmp_path: Path, status: int):
+    Scripted.answers = [(status, b'{"error": "upstream"}'), (200, GOOD_V1)]
+    code, output, rows = score_one_file(scripted, tmp_path, "--protocol", "kserve-v1")
+    assert code == 0, output
+    assert rows[0]["label"] == "Lime" and len(Scripted.posts) == 2
+
+
+def test_torchserve_protocol_does_not_retry_500(scripted: str, tmp_path: Path):
+    Scripted.answers = [(500, b'{"code": 500, "error": "internal"}'), (200, b"{}")]
+    code, output, rows = score_one_file(scripted, tmp_path)
+    assert code == 1 and rows[0]["error_code"] == "500" and len(Scripted.posts) == 1, output
+
+
+def test_a_500_that_stays_is_the_files_error_row(scripted: str, tmp_path: Path):
+    Scripted.answers = [(500, b'{"code": 500, "error": "internal error while reading this request"}')]
+    code, output, rows = score_one_file(scripted, tmp_path, "--protocol", "kserve-v2")
+    assert code == 1 and rows[0]["error_code"] == "500" and len(Scripted.posts) == 3, output
+
+
+def test_wrong_model_is_a_usage_error(scripted: str, tmp_path: Path):
+    # KServe: 404 on the model's readiness path, and no /ping
+    Scripted.ready = (404, b'{"error": "Model with name nope does not exist."}')
+    code, output, _ = score_one_file(scripted, tmp_path, "--protocol", "kserve-v1", "--model", "nope")
+    assert code == 2 and "'nope'" in output and "--model" in output, output
+    assert not Scripted.posts
+
+
+def test_wrong_model_on_torchserve_is_a_usage_error(deployed: TorchServe, tmp_path: Path):
+    for protocol in ("torchserve", "kserve-v2"):
+        code, output, _ = score_one_file(deployed.inference_url, tmp_path, "--protocol", protocol, "--model", "nope")
+        assert code == 2 and "'nope'" in output, (protocol, output)
+
+
+@pytest.mark.parametrize("answer", [
+    b'{"predictions": [{"label": "Lime", "confidence": "high", "top_k": []}]}',
+    b'{"predictions": [{"label": "Lime", "confidence": 0.9, "top_k": [{"label": "Lime"}]}]}',
+    b'{"predictions": [{"label": "Lime", "confidence": 0.9, "top_k": "Lime"}]}',
+    b'{"predictions": [{"label": ["Lime"], "confidence": 0.9, "top_k": []}]}',
+    b'{"predictions": [{"error": {"nested": true}}]}',
+    b'{"predictions": "Lime"}',
+    b'{"predictions": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}",
+])
+def test_malformed_answer_is_an_error_row(scripted: str, tmp_path: Path, answer: bytes):
+    Scripted.answers = [(200, answer)]
+    code, output, rows = score_one_file(scripted, tmp_path, "--protocol", "kserve-v1")
+    assert code == 1, output
+    assert rows[0]["status"] == "error" and rows[0]["error"], rows
