@@ -15,9 +15,9 @@ from fruitserve.handler.artifacts import (
     MODEL_FILE,
     ModelDirError,
     check_outputs,
+    load_for_inference,
     load_labels,
     load_metadata,
-    load_torchscript,
     missing_files,
 )
 from fruitserve.handler.predictions import clamp_top_k, format_predictions, probabilities
@@ -79,7 +79,7 @@ class LocalScorer:
         self.device = device
         if threads:
             torch.set_num_threads(threads)
-        self.model = load_torchscript(model_dir / MODEL_FILE, device)
+        self.model = load_for_inference(model_dir / MODEL_FILE, device)
         try:
             check_outputs(self.model, len(self.labels), self.config.input_size, device)
         except ModelDirError as exc:

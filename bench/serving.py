@@ -20,7 +20,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fruitserve.handler.artifacts import load_metadata, load_torchscript  # noqa: E402
+from fruitserve.handler.artifacts import load_for_inference, load_metadata  # noqa: E402
 from fruitserve.handler.preprocessing import PreprocessConfig, load_uint8, normalize  # noqa: E402
 from fruitserve.model_store.archive import _archiver, build_archive  # noqa: E402
 from fruitserve.model_store.server import TorchServe  # noqa: E402
@@ -57,7 +57,7 @@ def in_process_ceiling(run: Path, payloads: list[bytes], batch: int, threads: in
     config = PreprocessConfig.from_metadata(load_metadata(run / "metadata.json"))
     if size:
         config = PreprocessConfig(size, config.mean, config.std)
-    model = load_torchscript(run / "model.pt", torch.device("cpu"))
+    model = load_for_inference(run / "model.pt", torch.device("cpu"))
     with torch.inference_mode():
         model(torch.zeros(batch, 3, config.input_size, config.input_size))
         start = time.perf_counter()

@@ -31,7 +31,7 @@ import time
 import torch
 
 try:  # inside the installed package
-    from .artifacts import LABELS_FILE, METADATA_FILE, MODEL_FILE, check_outputs, load_labels, load_metadata, load_torchscript
+    from .artifacts import LABELS_FILE, METADATA_FILE, MODEL_FILE, check_outputs, load_for_inference, load_labels, load_metadata
     from .kserve import (
         DEFAULT_MAX_IMAGES,
         ENVELOPES,
@@ -47,7 +47,7 @@ try:  # inside the installed package
     from .predictions import DEFAULT_TOP_K, Decoded, Parsed, clamp_top_k, format_predictions, probabilities
     from .preprocessing import InputError, PreprocessConfig, load_uint8, normalize
 except ImportError:  # inside fruit.mar, where TorchServe puts these files side by side on sys.path
-    from artifacts import LABELS_FILE, METADATA_FILE, MODEL_FILE, check_outputs, load_labels, load_metadata, load_torchscript
+    from artifacts import LABELS_FILE, METADATA_FILE, MODEL_FILE, check_outputs, load_for_inference, load_labels, load_metadata
     from kserve import (
         DEFAULT_MAX_IMAGES,
         ENVELOPES,
@@ -123,7 +123,7 @@ class FruitHandler:
         self.model_version = str(manifest_version or metadata.get("model_version"))
         manifest_name = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelName")
         self.model_name = str(manifest_name or getattr(context, "model_name", None) or self.model_name)
-        self.model = load_torchscript(os.path.join(model_dir, MODEL_FILE), self.device)
+        self.model = load_for_inference(os.path.join(model_dir, MODEL_FILE), self.device)
         check_outputs(self.model, len(self.labels), self.config.input_size, self.device)
         log.info("fruit model %s on %s: %d classes, input %dpx, %d threads", self.model_version, self.device,
                  len(self.labels), self.config.input_size, torch.get_num_threads())

@@ -25,7 +25,7 @@ from conftest import jpeg_bytes, read_csv
 from corpus import Case, cases, good_jpeg
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.batch.files import find_images
-from fruitserve.handler.artifacts import load_labels, load_metadata, load_torchscript
+from fruitserve.handler.artifacts import load_for_inference, load_labels, load_metadata
 from fruitserve.handler.preprocessing import PreprocessConfig, preprocess
 from fruitserve.model_store.archive import build_archive
 from fruitserve.model_store.server import TorchServe
@@ -64,7 +64,7 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory):
 def local_labels(trained_run: Path):
     """The label the exported model gives some bytes, through the shared preprocessing: what the server must say."""
     config = PreprocessConfig.from_metadata(load_metadata(trained_run / "metadata.json"))
-    model = load_torchscript(trained_run / "model.pt", torch.device("cpu"))
+    model = load_for_inference(trained_run / "model.pt", torch.device("cpu"))
     labels = load_labels(trained_run / "index_to_name.json")
 
     def label_of(payload: bytes) -> str:

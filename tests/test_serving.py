@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 from conftest import image_bytes, jpeg_bytes
-from fruitserve.handler.artifacts import load_labels, load_metadata, load_torchscript
+from fruitserve.handler.artifacts import load_for_inference, load_labels, load_metadata
 from fruitserve.handler.predictions import format_predictions, probabilities
 from fruitserve.handler.preprocessing import PreprocessConfig, preprocess
 from fruitserve.model_store.archive import build_archive
@@ -52,7 +52,7 @@ def server(batching_store: Path, tmp_path_factory: pytest.TempPathFactory):
 def local_predictions(run: Path, payloads: list[bytes], k: int) -> list[dict]:
     meta = load_metadata(run / "metadata.json")
     config = PreprocessConfig.from_metadata(meta)
-    model = load_torchscript(run / "model.pt", torch.device("cpu"))
+    model = load_for_inference(run / "model.pt", torch.device("cpu"))
     with torch.inference_mode():
         logits = model(torch.stack([preprocess(p, config) for p in payloads]))
     return format_predictions(probabilities(logits), load_labels(run / "index_to_name.json"), [k] * len(payloads),

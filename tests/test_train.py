@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TRAIN_ARGS
-from fruitserve.handler.artifacts import load_labels, load_torchscript
+from fruitserve.handler.artifacts import load_for_inference, load_labels, load_torchscript
 from fruitserve.handler.preprocessing import PreprocessConfig, normalize
 from fruitserve.train import data as datasets
 from fruitserve.train import train as train_module
@@ -58,6 +58,11 @@ def test_torchscript_loads_without_this_repo_and_matches_eager(trained_run: Path
     with torch.inference_mode():
         torch.testing.assert_close(scripted(x), eager(x), atol=1e-5, rtol=0)
     assert export_torchscript(eager, tmp_path / "again.pt", x) <= 1e-5
+    # what serving, fruit-batch --local and evaluate load: batch norm folded, oneDNN layouts; same answers
+    optimized = load_for_inference(trained_run / "model.pt", torch.device("cpu"))
+    with torch.inference_mode():
+        for batch in (x, x[:1]):
+            torch.testing.assert_close(optimized(batch), scripted(batch), atol=1e-4, rtol=0)
 
 
 def test_same_seed_gives_same_metrics(demo_data: Path, tmp_path: Path):

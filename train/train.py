@@ -25,9 +25,9 @@ from fruitserve.handler.artifacts import (
     METADATA_FILE,
     MODEL_FILE,
     ModelDirError,
+    load_for_inference,
     load_labels,
     load_metadata,
-    load_torchscript,
 )
 from fruitserve.handler.preprocessing import PreprocessConfig, normalize
 from tqdm import tqdm
@@ -276,7 +276,7 @@ def run_training(args: argparse.Namespace) -> Path:
     write_json_atomic(run_dir / LABELS_FILE, {str(i): name for i, name in enumerate(classes)})
 
     # Reports come from the exported TorchScript, the artifact that is actually served.
-    scripted = load_torchscript(run_dir / MODEL_FILE, device)
+    scripted = load_for_inference(run_dir / MODEL_FILE, device)
     val_metrics, _ = evaluate(scripted, val_set, classes, config, args.eval_batch_size, device)
     metrics = {"validation": val_metrics}
     report_name, report_set = "validation", val_set
@@ -338,7 +338,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     config = PreprocessConfig.from_metadata(load_metadata(model_dir / METADATA_FILE))
     index = datasets.index_image_folder(args.data, classes)
     decoded = datasets.decode_images(index.paths, index.targets, config, desc="decode", progress=not args.no_progress)
-    model = load_torchscript(model_path, device)
+    model = load_for_inference(model_path, device)
     metrics, logits = evaluate(model, decoded, classes, config, args.batch_size, device, not args.no_progress)
     out = args.out or model_dir / f"eval-{args.data.resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
