@@ -53,7 +53,7 @@ def main() -> None:
 @click.option("--concurrency", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for one answer")
 @click.option("--retries", type=click.IntRange(0, 20), default=5, show_default=True,
-              help="retries for connection errors, 503 and 507 (kserve protocols: also 500, 502 and 504)")
+              help="retries for connection errors, 500, 503 and 507 (kserve protocols: also 502 and 504)")
 @click.option("--top-k", type=click.IntRange(1, None), default=None, help="how many classes per row [model default]")
 @click.option("--labels-from-folders/--no-labels-from-folders", default=None,
               help="true label = first folder under DIRECTORY [default: when every folder names a known class]")

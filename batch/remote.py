@@ -25,10 +25,13 @@ import requests
 from .errors import ServerUnavailable, UsageError
 from .results import Result
 
-RETRY_STATUSES = {503, 507}  # overloaded or out of memory: worth another try; any other 4xx/5xx is final
+# Worth another try: overloaded (503), and a worker that died mid-batch (507 "Worker died.", or 500 when the kill
+# lands while the answer is being sent: both seen in RELIABILITY.md's kill runs). Any other 4xx/5xx is final,
+# and a 500 that stays is the file's own error row.
+RETRY_STATUSES = {500, 503, 507}
 # KServe's wrapper answers 500 for whatever TorchServe refused (overload included) and its ingress 502/504 while
-# a pod starts or is replaced: worth retrying there. From TorchServe itself a 500 is final.
-KSERVE_RETRY_STATUSES = RETRY_STATUSES | {500, 502, 504}
+# a pod starts or is replaced.
+KSERVE_RETRY_STATUSES = RETRY_STATUSES | {502, 504}
 PROTOCOLS = ("torchserve", "kserve-v1", "kserve-v2")
 
 
