@@ -30,6 +30,18 @@ def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out / "tiny"
 
 
+def build_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory, name: str, batch_size: int,
+                max_batch_delay_ms: int, top_k: int | None = None) -> Path:
+    """A model store whose fruit.mar has its own batching (e.g. a long delay so concurrent requests share a batch)."""
+    store = tmp_path_factory.mktemp(f"store_{name}")
+    config = store.parent / f"{name}-config.yaml"
+    handler = f"handler:\n  top_k: {top_k}\n" if top_k else ""
+    config.write_text(f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {batch_size}\nmaxBatchDelay: {max_batch_delay_ms}\n"
+                      f"responseTimeout: 60\n{handler}")
+    build_archive(trained_run, store, config_file=config)
+    return store
+
+
 @pytest.fixture(scope="session")
 def model_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("model_store")

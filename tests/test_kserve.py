@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import jpeg_bytes, read_csv
+from conftest import build_store, jpeg_bytes, read_csv
 from fruitserve.batch.cli import main as batch_main
-from fruitserve.model_store.archive import build_archive
 from fruitserve.model_store.server import TorchServe, _read_properties
 from fruitserve.train.synthetic import CLASSES
 from PIL import Image
@@ -34,12 +33,6 @@ KSERVE_CONFIG = ROOT / "deploy" / "kserve" / "config" / "config.properties"
 # what the deployed config decides about serving; addresses, ports and the model store are the test's own
 SERVING_KEYS = ("model_snapshot", "service_envelope", "max_request_size", "max_response_size",
                 "default_response_timeout", "job_queue_size", "number_of_netty_threads", "netty_client_threads")
-ONE_BY_ONE_CONFIG = """minWorkers: 1
-maxWorkers: 1
-batchSize: 1
-maxBatchDelay: 0
-responseTimeout: 60
-"""
 
 
 def png_bytes() -> bytes:
@@ -73,11 +66,7 @@ def deployed(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def one_by_one_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("store_batch1")
-    config = store.parent / "batch1-config.yaml"
-    config.write_text(ONE_BY_ONE_CONFIG)
-    build_archive(trained_run, store, config_file=config)
-    return store
+    return build_store(trained_run, tmp_path_factory, "batch1", batch_size=1, max_batch_delay_ms=0)
 
 
 @pytest.fixture(scope="module", params=["kserve", "kservev2"])

@@ -21,37 +21,24 @@ import pytest
 import requests
 import torch
 from click.testing import CliRunner
-from conftest import jpeg_bytes, read_csv
+from conftest import build_store, jpeg_bytes, read_csv
 from corpus import Case, cases, good_jpeg
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.batch.files import find_images
 from fruitserve.handler.artifacts import load_for_inference, load_labels, load_metadata
 from fruitserve.handler.preprocessing import PreprocessConfig, preprocess
-from fruitserve.model_store.archive import build_archive
 from fruitserve.model_store.server import TorchServe
 from fruitserve.train.synthetic import CLASSES
 
 pytestmark = pytest.mark.server
 TIMEOUT = 60
 CORPUS = cases()
-# Long enough a delay that concurrent requests share server-side batches, bad ones among good ones.
-BATCHING_CONFIG = """minWorkers: 1
-maxWorkers: 1
-batchSize: 16
-maxBatchDelay: 100
-responseTimeout: 60
-handler:
-  top_k: 3
-"""
 
 
 @pytest.fixture(scope="module")
 def store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("store_reliability")
-    config = store.parent / "reliability-config.yaml"
-    config.write_text(BATCHING_CONFIG)
-    build_archive(trained_run, store, config_file=config)
-    return store
+    # long enough a delay that concurrent requests share server-side batches, bad ones among good ones
+    return build_store(trained_run, tmp_path_factory, "reliability", batch_size=16, max_batch_delay_ms=100, top_k=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import image_bytes, jpeg_bytes
+from conftest import build_store, image_bytes, jpeg_bytes
 from fruitserve.handler.artifacts import load_for_inference, load_labels, load_metadata
 from fruitserve.handler.predictions import format_predictions, probabilities
 from fruitserve.handler.preprocessing import PreprocessConfig, preprocess
@@ -23,24 +23,12 @@ from PIL import Image
 
 pytestmark = pytest.mark.server
 TIMEOUT = 60
-BATCHING_CONFIG = """minWorkers: 1
-maxWorkers: 1
-batchSize: 8
-maxBatchDelay: 300
-responseTimeout: 60
-handler:
-  top_k: 3
-"""
 
 
 @pytest.fixture(scope="module")
 def batching_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An archive that waits long enough to put concurrent requests into one server-side batch."""
-    store = tmp_path_factory.mktemp("store_batching")
-    config = store.parent / "batching-config.yaml"
-    config.write_text(BATCHING_CONFIG)
-    build_archive(trained_run, store, config_file=config)
-    return store
+    return build_store(trained_run, tmp_path_factory, "batching", batch_size=8, max_batch_delay_ms=300, top_k=3)
 
 
 @pytest.fixture(scope="module")
