@@ -1,0 +1,176 @@
+"""How the served model holds up away from Fruits-360's white studio background: a stand-in for shop photos.
+
+    .venv/bin/python bench/robustness.py --run runs/bench-r18-64 [--images ../shared/data/fruits-360/Test]
+
+The real shop photos are held out, so this measures what can be measured here. Official Test images
+(a stratified subset) get shifts applied at their own 100 px resolution, *before* the shared
+preprocessing, as a camera would give them. Each shift is kept out of what training's augmentation draws,
+so nothing here was seen in training:
+- procedural backgrounds (wood-like stripes, a checkerboard, coloured noise);
+- the fruit at 55 % of the frame and off-centre, on white and on those backgrounds;
+- warm or cool light with gamma;
+- motion blur plus JPEG at quality 25;
+- all of these at once.
+
+Accuracy and macro-F1 per condition, and the drop from clean, go to bench/results/robustness.json; a strip
+of eight shifted images per condition goes to RUN/robustness/ to look at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fruitserve.handler.artifacts import load_for_inference, load_labels, load_metadata  # noqa: E402
+from fruitserve.handler.preprocessing import (  # noqa: E402
+    PreprocessConfig,
+    decode_image,
+    normalize,
+    resize_and_crop,
+    to_uint8_tensor,
+)
+from fruitserve.train.reports import classification_metrics  # noqa: E402
+from serving import save_results  # noqa: E402
+
+ROOT = HERE.parent
+Shift = Callable[[Image.Image, random.Random], Image.Image]
+
+
+def _mask(image: Image.Image) -> Image.Image:
+    """Where the studio background is: near-white pixels, edges softened."""
+    rgb = np.asarray(image, dtype=np.int16)
+    white = (rgb.min(axis=2) > 235).astype(np.uint8) * 255
+    return Image.fromarray(white, "L").filter(ImageFilter.GaussianBlur(1))
+
+
+def _texture(size: tuple[int, int], rng: random.Random) -> Image.Image:
+    w, h = size
+    kind = rng.randrange(3)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind == 0:  # wood-like stripes
+        base = np.array([rng.randint(90, 170), rng.randint(50, 110), rng.randint(20, 60)], np.float32)
+        stripes = 0.75 + 0.25 * np.sin(xx / rng.uniform(2, 5) + 3 * np.sin(yy / rng.uniform(8, 20)))
+        arr = base * stripes[..., None]
+    elif kind == 1:  # checkerboard (tiles, a tablecloth)
+        cell = rng.randint(6, 16)
+        on = ((xx // cell + yy // cell) % 2).astype(np.float32)[..., None]
+        a = np.array([rng.randint(0, 255) for _ in range(3)], np.float32)
+        b = np.array([rng.randint(0, 255) for _ in range(3)], np.float32)
+        arr = a * on + b * (1 - on)
+    else:  # coloured noise (a busy shelf, out of focus)
+        small = np.random.default_rng(rng.randrange(2**32)).integers(0, 255, (h // 8 + 1, w // 8 + 1, 3))
+        arr = np.asarray(Image.fromarray(small.astype(np.uint8)).resize((w, h), Image.BICUBIC), np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def background(image: Image.Image, rng: random.Random) -> Image.Image:
+    return Image.composite(_texture(image.size, rng), image, _mask(image))
+
+
+def small_on_white(image: Image.Image, rng: random.Random) -> Image.Image:
+    return small_off_centre(image, rng, textured=False)
+
+
+def small_off_centre(image: Image.Image, rng: random.Random, textured: bool = True) -> Image.Image:
+    w, h = image.size
+    scale = 0.55
+    fruit = image.resize((int(w * scale), int(h * scale)), Image.BILINEAR)
+    canvas = _texture(image.size, rng) if textured else Image.new("RGB", image.size, (255, 255, 255))
+    x, y = rng.randint(0, w - fruit.width), rng.randint(0, h - fruit.height)
+    canvas.paste(fruit, (x, y), _invert(_mask(fruit)))
+    return canvas
+
+
+def _invert(mask: Image.Image) -> Image.Image:
+    return mask.point(lambda v: 255 - v)
+
+
+def lighting(image: Image.Image, rng: random.Random) -> Image.Image:
+    arr = np.asarray(image, np.float32) / 255
+    tint = np.array([1.15, 1.0, 0.8] if rng.random() < 0.5 else [0.85, 0.95, 1.15], np.float32)
+    gamma = rng.uniform(0.6, 1.6)
+    return Image.fromarray((np.clip((arr * tint) ** gamma, 0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def blur_and_jpeg(image: Image.Image, rng: random.Random) -> Image.Image:
+    kernel = [0.0] * 25
+    for i in range(5):  # horizontal motion blur, 5 px
+        kernel[10 + i] = 0.2
+    blurred = image.filter(ImageFilter.Kernel((5, 5), kernel, scale=1))
+    buffer = io.BytesIO()
+    blurred.save(buffer, "JPEG", quality=25)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def everything(image: Image.Image, rng: random.Random) -> Image.Image:
+    return blur_and_jpeg(lighting(small_off_centre(image, rng), rng), rng)
+
+
+CONDITIONS: dict[str, Shift | None] = {
+    "clean": None,
+    "background": background,
+    "small_on_white": small_on_white,
+    "small_off_centre": small_off_centre,
+    "lighting": lighting,
+    "blur_jpeg_q25": blur_and_jpeg,
+    "all_together": everything,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/fruits-360/Test")
+    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    labels = load_labels(args.run / "index_to_name.json")
+    config = PreprocessConfig.from_metadata(load_metadata(args.run / "metadata.json"))
+    model = load_for_inference(args.run / "model.pt", torch.device("cpu"))
+    rng = random.Random(args.seed)
+    samples = []
+    for target, name in enumerate(labels):
+        files = sorted((args.images / name).glob("*.jpg"))
+        samples += [(p, target) for p in rng.sample(files, min(args.per_class, len(files)))]
+    targets = torch.tensor([t for _, t in samples])
+    originals = [decode_image(p.read_bytes(), config.max_pixels) for p, _ in samples]
+
+    results: dict = {"images": len(samples), "classes": len(labels), "run": str(args.run), "conditions": {}}
+    clean_top1 = None
+    for name, shift in CONDITIONS.items():
+        shift_rng = random.Random(args.seed + 1)
+        images = originals if shift is None else [shift(im, shift_rng) for im in originals]
+        logits = []
+        with torch.inference_mode():
+            for i in range(0, len(images), 64):
+                batch = torch.stack([to_uint8_tensor(resize_and_crop(im, config.input_size)) for im in images[i:i + 64]])
+                logits.append(model(normalize(batch, config.mean, config.std)))
+        metrics = classification_metrics(torch.cat(logits), targets, labels)
+        clean_top1 = metrics["top1"] if clean_top1 is None else clean_top1
+        results["conditions"][name] = {"top1": round(metrics["top1"], 4), "macro_f1": round(metrics["macro_f1"], 4),
+                                       "top1_drop": round(clean_top1 - metrics["top1"], 4)}
+        print(name, results["conditions"][name], flush=True)
+        if shift is not None:
+            # a look at the shifted images; next to the run, because they are Fruits-360 pixels (never committed)
+            strip = Image.new("RGB", (100 * 8, 100))
+            for j in range(8):
+                strip.paste(images[j * len(images) // 8].resize((100, 100)), (100 * j, 0))
+            (args.run / "robustness").mkdir(exist_ok=True)
+            strip.save(args.run / "robustness" / f"{name}.png")
+    save_results("robustness", results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
