@@ -74,17 +74,6 @@ def wait_rows(out: Path, count: int, process: subprocess.Popen, timeout: float =
     raise RuntimeError(f"fruit-batch did not write {count} rows (exit {process.poll()})")
 
 
-def wait_new_worker(ts: TorchServe, old: list[int], timeout: float = 120) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        pids = ts.worker_pids()
-        if pids and pids != old:
-            ts.wait_for_workers("fruit", start + timeout)
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise RuntimeError("no new worker")
-
-
 # --- the corpus ---------------------------------------------------------------------------------------------
 
 def corpus_section(ts: TorchServe, store: Path, workdir: Path, rounds: int) -> dict:
@@ -185,7 +174,8 @@ def _kill_once(ts: TorchServe, payloads: list[bytes], clients: int) -> dict:
     old = ts.worker_pids()
     killed_at = time.monotonic()
     os.kill(old[0], signal.SIGKILL)
-    replaced = wait_new_worker(ts, old)
+    ts.wait_for_new_worker(old)
+    replaced = time.monotonic() - killed_at
     time.sleep(3)
     stop.set()
     for t in threads:

@@ -186,6 +186,17 @@ class TorchServe:
             time.sleep(0.25)
         raise ServerError(f"model {model} has no READY worker (last: {last})")
 
+    def wait_for_new_worker(self, old: list[int], timeout: float = 120, model: str = "fruit") -> list[int]:
+        """After a worker died: the PIDs of its replacement, once TorchServe reports it READY."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.worker_pids()
+            if pids and pids != old:
+                self.wait_for_workers(model, deadline)
+                return pids
+            time.sleep(0.05)
+        raise ServerError(f"no new worker for {model} within {timeout:.0f} s")
+
     def tokens(self) -> dict[str, str]:
         return read_tokens(self.workdir / "key_file.json") if self.token_auth else {}
 

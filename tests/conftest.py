@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +62,23 @@ def image_bytes(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
+
+
+def start_fruit_batch(*args: str) -> subprocess.Popen:
+    """``fruit-batch score ARGS`` in its own process, so that it can be killed or see its server stop."""
+    return subprocess.Popen([sys.executable, "-c", "from fruitserve.batch.cli import main; main()", "score", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(out: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until OUT.csv holds more than ``count`` rows, while the fruit-batch ``process`` still runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_text().count("\n") > count:
+            return
+        assert process.poll() is None, "fruit-batch ended before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} rows after {timeout} s")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -6,14 +6,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import image_bytes, jpeg_bytes, read_csv
+from conftest import image_bytes, jpeg_bytes, read_csv, start_fruit_batch, wait_for_rows
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.batch.files import find_images
 from fruitserve.batch.results import COLUMNS, read_rows
@@ -170,36 +167,21 @@ def _many_images(root: Path, count: int) -> Path:
     return root
 
 
-def _wait_for_rows(out: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if out.exists() and out.read_text().count("\n") > count:
-            return
-        assert process.poll() is None, "fruit-batch ended before it could be interrupted"
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} rows after {timeout} s")
-
-
-def _fruit_batch(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from fruitserve.batch.cli import main; main()", "score", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.server
 def test_killed_client_then_resume_scores_each_file_once(server: TorchServe, tmp_path: Path):
     images = _many_images(tmp_path / "many", 400)
     out = tmp_path / "out.csv"
     args = [str(images), str(out), "--quiet", "--concurrency", "2", *server_args(server)]
-    process = _fruit_batch(*args)
+    process = start_fruit_batch(*args)
     try:
-        _wait_for_rows(out, 20, process)
+        wait_for_rows(out, 20, process)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         process.kill()
     partial = read_rows(out)
     assert 20 <= len(partial) < 400
-    resumed = _fruit_batch(*args, "--resume")
+    resumed = start_fruit_batch(*args, "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     rows = read_csv(out)
@@ -212,10 +194,10 @@ def test_server_stopped_mid_run_exits_3_then_resume_completes(model_store: Path,
     images = _many_images(tmp_path / "many", 400)
     out = tmp_path / "out.csv"
     with TorchServe(workdir=tmp_path / "ts1", model_store=model_store) as first:
-        process = _fruit_batch(str(images), str(out), "--quiet", "--concurrency", "2", "--retries", "2",
+        process = start_fruit_batch(str(images), str(out), "--quiet", "--concurrency", "2", "--retries", "2",
                                *server_args(first))
         try:
-            _wait_for_rows(out, 20, process)
+            wait_for_rows(out, 20, process)
             first.stop()
             _, err = process.communicate(timeout=120)
         finally:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -21,7 +19,7 @@ import pytest
 import requests
 import torch
 from click.testing import CliRunner
-from conftest import build_store, jpeg_bytes, read_csv
+from conftest import build_store, jpeg_bytes, read_csv, start_fruit_batch, wait_for_rows
 from corpus import Case, cases, good_jpeg
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.batch.files import find_images
@@ -201,17 +199,6 @@ def test_overload_is_refused_with_503_not_hangs(small_queue_server: TorchServe):
                          headers=small_queue_server.headers(), timeout=TIMEOUT).status_code == 200
 
 
-def _wait_for_new_worker(ts: TorchServe, old: list[int], timeout: float = 90) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = ts.worker_pids()
-        if pids and pids != old:
-            ts.wait_for_workers("fruit", deadline)
-            return pids
-        time.sleep(0.2)
-    raise AssertionError(f"no new worker within {timeout} s")
-
-
 def test_killed_worker_is_replaced_and_fruit_batch_scores_every_file_once(
         small_queue_server: TorchServe, tmp_path: Path):
     ts = small_queue_server
@@ -222,18 +209,12 @@ def test_killed_worker_is_replaced_and_fruit_batch_scores_every_file_once(
     out = tmp_path / "out.csv"
     old = ts.worker_pids()
     assert len(old) == 1
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from fruitserve.batch.cli import main; main()", "score", str(images), str(out),
-         "--quiet", "--concurrency", "4", "--retries", "8", "--url", ts.inference_url,
-         "--key-file", str(ts.workdir / "key_file.json")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_fruit_batch(str(images), str(out), "--quiet", "--concurrency", "4", "--retries", "8",
+                                "--url", ts.inference_url, "--key-file", str(ts.workdir / "key_file.json"))
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (out.exists() and out.read_text().count("\n") > 40) and time.monotonic() < deadline:
-            assert process.poll() is None, "fruit-batch ended before the worker was killed"
-            time.sleep(0.02)
+        wait_for_rows(out, 40, process, timeout=TIMEOUT)
         os.kill(old[0], signal.SIGKILL)
-        new = _wait_for_new_worker(ts, old)
+        new = ts.wait_for_new_worker(old, timeout=90)
         _, err = process.communicate(timeout=300)
     finally:
         process.kill()
