@@ -119,10 +119,9 @@ class FruitHandler:
         self.default_top_k = int(settings.get("top_k", DEFAULT_TOP_K))
         self.max_images = max(1, int(settings.get("max_images_per_request") or DEFAULT_MAX_IMAGES))
         self.batch_size = max(1, int(properties.get("batch_size") or 1))
-        manifest_version = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelVersion")
-        self.model_version = str(manifest_version or metadata.get("model_version"))
-        manifest_name = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelName")
-        self.model_name = str(manifest_name or getattr(context, "model_name", None) or self.model_name)
+        manifest = (getattr(context, "manifest", None) or {}).get("model") or {}
+        self.model_version = str(manifest.get("modelVersion") or metadata.get("model_version"))
+        self.model_name = str(manifest.get("modelName") or getattr(context, "model_name", None) or self.model_name)
         self.model = load_for_inference(os.path.join(model_dir, MODEL_FILE), self.device)
         check_outputs(self.model, len(self.labels), self.config.input_size, self.device)
         log.info("fruit model %s on %s: %d classes, input %dpx, %d threads", self.model_version, self.device,
@@ -220,17 +219,21 @@ class FruitHandler:
         request_ids = getattr(self.context, "request_ids", None) or {}
         return request_ids.get(idx)
 
+    def _is_request(self, idx: int) -> bool:
+        """Row ``idx`` is a request of TorchServe's (not an instance an envelope unwrapped, nor a test's row)."""
+        return self.context is not None and idx < len(getattr(self.context, "request_ids", None) or {})
+
     def _header(self, idx: int, name: str) -> str | None:
-        if self.context is None or idx >= len(getattr(self.context, "request_ids", {}) or {}):
+        if not self._is_request(idx):
             return None
         return self.context.get_request_header(idx, name) or self.context.get_request_header(idx, name.lower())
 
     def _set_status(self, idx: int, error: InputError) -> None:
-        if self.context is not None and idx < len(self.context.request_ids or {}):
+        if self._is_request(idx):
             self.context.set_response_status(error.status, str(error), idx)
 
     def _set_json(self, idx: int) -> None:
-        if self.context is not None and idx < len(self.context.request_ids or {}):
+        if self._is_request(idx):
             self.context.set_response_content_type(idx, "application/json")
 
 

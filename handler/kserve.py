@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass, field
 
 try:  # inside the installed package
@@ -206,9 +207,7 @@ def _check_shape(shape: object, n: int, name: str) -> None:
     if not isinstance(shape, list) or not shape or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InputError(f'input "{name}": "shape" must be a list of non-negative integers, got {_short(shape)}')
-    product = 1
-    for d in shape:
-        product *= d
+    product = math.prod(shape)
     if product != n:
         raise InputError(f'input "{name}": "shape" {shape} holds {product} elements, "data" holds {n}')
 
@@ -224,8 +223,7 @@ def _v2_strings(data: object, name: str, room: int, max_images: int) -> list[str
         elif isinstance(item, str):
             flat.append(item)
             if len(flat) > room:  # stop here: a 20 MiB request can hold ~200k tiny images
-                raise TooManyImages(f"more than {max_images} images in one request: split it into several "
-                                    "requests (the server batches them itself)")
+                _check_count(max_images - room + len(flat), max_images)
         else:
             raise InputError(f'input "{name}": "data" must hold base64 image strings (datatype BYTES)')
     if not flat:
