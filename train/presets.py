@@ -6,7 +6,8 @@ on whole batches of tensors (one ``grid_sample`` for all geometry).
 
 Fruits-360 shows each fruit centred on pure white. Shop photos have clutter, other
 light and off-centre fruit, so the preset also swaps the white background for random
-surfaces or blurred crops of other fruit, shifts colour balance, blurs and adds noise.
+surfaces or blurred crops of other fruit, shrinks and moves the fruit inside the frame,
+changes the light (gamma, warm/cool), shifts colour balance, blurs and adds noise.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class TrainAugment:
     rotation_degrees: float = 45.0
     zoom: tuple[float, float] = (0.8, 1.25)  # >1 crops into the fruit, <1 leaves room around it
     translate: float = 0.1
+    # Fruits-360 fruit always fills the frame; a shop photo's fruit often does not. Some samples
+    # therefore show the fruit small and anywhere in the frame (it stays whole).
+    small_p: float = 0.3
+    small_zoom: tuple[float, float] = (0.45, 0.8)
     background_p: float = 0.5
     # Several Fruits-360 classes differ only in shade (Apple Red 1/2/3), so colour jitter stays mild.
     color_p: float = 0.5
@@ -34,6 +39,10 @@ class TrainAugment:
     contrast: tuple[float, float] = (0.85, 1.15)
     saturation: tuple[float, float] = (0.85, 1.15)
     white_balance: float = 0.06
+    # Light: a gamma curve and a warm/cool cast, the two things shop lighting changes most.
+    light_p: float = 0.3
+    gamma: tuple[float, float] = (0.75, 1.33)
+    temperature: float = 0.1
     blur_p: float = 0.2
     noise_p: float = 0.2
     white_threshold: float = 0.92
@@ -44,6 +53,7 @@ class TrainAugment:
         n = x.shape[0]
         x = self._geometry(x, generator)
         x = self._background(x, generator)
+        x = self._light(x, generator)
         x = self._colour(x, generator)
         x = self._blur(x, generator)
         if self.noise_p > 0:
@@ -56,10 +66,14 @@ class TrainAugment:
     def _geometry(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n = x.shape[0]
         angle = _uniform(n, -self.rotation_degrees, self.rotation_degrees, g, x.device) * (math.pi / 180)
-        zoom = torch.exp(_uniform(n, math.log(self.zoom[0]), math.log(self.zoom[1]), g, x.device))
+        zoom = _log_uniform(n, self.zoom, g, x.device)
+        small = _bernoulli(n, self.small_p, g, x.device)
+        zoom = torch.where(small > 0, _log_uniform(n, self.small_zoom, g, x.device), zoom)
         flip = torch.where(_bernoulli(n, 0.5, g, x.device) > 0, -1.0, 1.0)
-        tx = _uniform(n, -self.translate, self.translate, g, x.device)
-        ty = _uniform(n, -self.translate, self.translate, g, x.device)
+        # theta maps output to input coordinates: a fruit shrunk by `zoom` stays whole for |shift| <= 1/zoom - 1
+        room = self.translate + (1.0 / zoom - 1.0).clamp(min=0.0)
+        tx = _uniform(n, -1.0, 1.0, g, x.device) * room
+        ty = _uniform(n, -1.0, 1.0, g, x.device) * room
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack(
             [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
@@ -85,6 +99,14 @@ class TrainAugment:
         background = torch.where(kind == 0, flat, torch.where(kind == 1, field, clutter))
         replaced = x * (1 - white) + background * white
         return torch.where(use > 0, replaced, x)
+
+    def _light(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n = x.shape[0]
+        use = _bernoulli(n, self.light_p, g, x.device).view(n, 1, 1, 1)
+        gamma = 1 + (_log_uniform(n, self.gamma, g, x.device).view(n, 1, 1, 1) - 1) * use
+        warm = _uniform(n, -self.temperature, self.temperature, g, x.device).view(n, 1, 1, 1) * use
+        cast = torch.cat([1 + warm, torch.ones_like(warm), 1 - warm], dim=1)  # warm: more red, less blue
+        return (x.clamp(min=0.0) ** gamma * cast).clamp(0, 1)
 
     def _colour(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n = x.shape[0]
@@ -120,6 +142,10 @@ class TrainAugment:
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
     return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
+
+
+def _log_uniform(n: int, bounds: tuple[float, float], g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.exp(_uniform(n, math.log(bounds[0]), math.log(bounds[1]), g, device))
 
 
 def _bernoulli(n: int, p: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
