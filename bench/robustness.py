@@ -4,12 +4,15 @@
 
 The real shop photos are held out, so this measures what can be measured here. Official Test images
 (a stratified subset) get shifts applied at their own 100 px resolution, *before* the shared
-preprocessing, as a camera would give them. Each shift is kept out of what training's augmentation draws,
-so nothing here was seen in training:
-- procedural backgrounds (wood-like stripes, a checkerboard, coloured noise);
-- the fruit at 55 % of the frame and off-centre, on white and on those backgrounds;
-- warm or cool light with gamma;
-- motion blur plus JPEG at quality 25;
+preprocessing, as a camera would give them:
+- procedural backgrounds (wood-like stripes, a checkerboard, coloured noise): training replaces the
+  background with flat colours, smooth colour fields and blurred fruit, never these;
+- the fruit at 55 % of the frame and off-centre, on white and on those backgrounds: *inside* the 45-80 %
+  that training draws for 30 % of its samples (added after this benchmark showed the gap), so this row
+  checks that the recipe covers it;
+- the fruit at 35 % of the frame, below anything training draws;
+- warm or cool light with gamma 0.6-1.6: stronger than training's (cast +-10 %, gamma 0.75-1.33);
+- motion blur plus JPEG at quality 25 (training blurs with a Gaussian, never compresses);
 - all of these at once.
 
 Accuracy and macro-F1 per condition, and the drop from clean, go to bench/results/robustness.json; a strip
@@ -81,9 +84,12 @@ def small_on_white(image: Image.Image, rng: random.Random) -> Image.Image:
     return small_off_centre(image, rng, textured=False)
 
 
-def small_off_centre(image: Image.Image, rng: random.Random, textured: bool = True) -> Image.Image:
+def smaller_on_white(image: Image.Image, rng: random.Random) -> Image.Image:
+    return small_off_centre(image, rng, textured=False, scale=0.35)
+
+
+def small_off_centre(image: Image.Image, rng: random.Random, textured: bool = True, scale: float = 0.55) -> Image.Image:
     w, h = image.size
-    scale = 0.55
     fruit = image.resize((int(w * scale), int(h * scale)), Image.BILINEAR)
     canvas = _texture(image.size, rng) if textured else Image.new("RGB", image.size, (255, 255, 255))
     x, y = rng.randint(0, w - fruit.width), rng.randint(0, h - fruit.height)
@@ -121,6 +127,7 @@ CONDITIONS: dict[str, Shift | None] = {
     "background": background,
     "small_on_white": small_on_white,
     "small_off_centre": small_off_centre,
+    "smaller_on_white": smaller_on_white,
     "lighting": lighting,
     "blur_jpeg_q25": blur_and_jpeg,
     "all_together": everything,
