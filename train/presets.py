@@ -88,17 +88,33 @@ class TrainAugment:
         if not use.any():
             return x
         white = (x.min(dim=1, keepdim=True).values > self.white_threshold).float()
-        white = F.avg_pool2d(white, 3, stride=1, padding=1)  # soften the cut-out edge
-        # three kinds of surface: a flat colour, a smooth colour field, or other fruit blurred into clutter
+        # grow the background by a pixel into the light anti-aliased rim, then soften the cut: otherwise
+        # every pasted fruit wears a white outline that no real photo has
+        white = F.avg_pool2d(F.max_pool2d(white, 3, stride=1, padding=1), 3, stride=1, padding=1)
+        # three kinds of surface: a flat colour, a smooth colour field, or a clutter of other fruit
         flat = torch.rand((n, 3, 1, 1), generator=g).to(x.device).expand(n, 3, h, w)
         field = F.interpolate(torch.rand((n, 3, 4, 4), generator=g).to(x.device), size=(h, w), mode="bicubic",
                               align_corners=False).clamp(0, 1)
-        perm = torch.randperm(n, generator=g).to(x.device)
-        clutter = F.avg_pool2d(x[perm].flip(-1), 5, stride=1, padding=2)
+        clutter = self._clutter(x, white, field, g)
         kind = torch.randint(0, 3, (n,), generator=g).to(x.device).view(n, 1, 1, 1)
         background = torch.where(kind == 0, flat, torch.where(kind == 1, field, clutter))
         replaced = x * (1 - white) + background * white
         return torch.where(use > 0, replaced, x)
+
+    def _clutter(self, x: torch.Tensor, white: torch.Tensor, field: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """A shelf of other fruit: three shuffled, shifted copies of the batch laid over each other (the darker,
+        i.e. fruit, pixel wins), slightly softened, on a colour field where no fruit lands. Small fruit leaves
+        most of a frame white, so one copy alone would rarely look busy."""
+        n, _, h, w = x.shape
+        shelf = torch.ones_like(x)
+        covered = torch.zeros_like(white)
+        for _ in range(3):
+            perm = torch.randperm(n, generator=g).to(x.device)
+            dy, dx = (int(v) for v in torch.randint(0, max(h, w), (2,), generator=g))
+            shelf = torch.minimum(shelf, x[perm].flip(-1).roll((dy % h, dx % w), dims=(2, 3)))
+            covered = torch.maximum(covered, 1 - white[perm].flip(-1).roll((dy % h, dx % w), dims=(2, 3)))
+        shelf = shelf * covered + field * (1 - covered)
+        return F.avg_pool2d(shelf, 3, stride=1, padding=1, count_include_pad=False)
 
     def _light(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n = x.shape[0]
