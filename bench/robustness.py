@@ -1,10 +1,12 @@
 """How the served model holds up away from Fruits-360's white studio background: a stand-in for shop photos.
 
-    .venv/bin/python bench/robustness.py --run runs/bench-r18-64 [--images ../shared/data/fruits-360/Test]
+    .venv/bin/python bench/robustness.py --run runs/bench-r18-64 [--split validation|test]
 
-The real shop photos are held out, so this measures what can be measured here. Official Test images
-(a stratified subset) get shifts applied at their own 100 px resolution, *before* the shared
-preprocessing, as a camera would give them:
+The real shop photos are held out, so this measures what can be measured here. Images get shifts applied
+at their own 100 px resolution, *before* the shared preprocessing, as a camera would give them. By default
+the images are the run's own validation split (carved from Training by the run's seed, never trained on),
+so that choosing a recipe by these numbers never looks at Test; ``--split test`` takes a stratified subset
+of the official Test split instead, to report. The shifts:
 - procedural backgrounds (wood-like stripes, a checkerboard, coloured noise): training replaces the
   background with flat colours, smooth colour fields and blurred fruit, never these;
 - the fruit at 55 % of the frame and off-centre, on white and on those backgrounds: *inside* the 45-80 %
@@ -42,6 +44,7 @@ from fruitserve.handler.preprocessing import (  # noqa: E402
     resize_and_crop,
     to_uint8_tensor,
 )
+from fruitserve.train import data as datasets  # noqa: E402
 from fruitserve.train.reports import classification_metrics  # noqa: E402
 from serving import save_results  # noqa: E402
 
@@ -134,10 +137,30 @@ CONDITIONS: dict[str, Shift | None] = {
 }
 
 
+def pick_images(data: Path, split: str, labels: list[str], metadata: dict, per_class: int,
+                rng: random.Random) -> list[tuple[Path, int]]:
+    """Up to ``per_class`` images of every class from the run's validation split or from Test."""
+    if split == "validation":
+        training = metadata["training"]
+        index = datasets.index_image_folder(data / "Training", labels)
+        _, val_idx = datasets.stratified_split(index.targets, float(training["val_fraction"]), int(training["seed"]))
+        by_class: dict[int, list[Path]] = {}
+        for i in val_idx:
+            by_class.setdefault(index.targets[i], []).append(index.paths[i])
+    else:
+        by_class = {t: sorted((data / "Test" / name).glob("*.jpg")) for t, name in enumerate(labels)}
+    samples = []
+    for target in range(len(labels)):
+        files = sorted(by_class.get(target, []))
+        samples += [(p, target) for p in rng.sample(files, min(per_class, len(files)))]
+    return samples
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/fruits-360/Test")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/fruits-360")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -145,15 +168,13 @@ def main() -> int:
     labels = load_labels(args.run / "index_to_name.json")
     config = PreprocessConfig.from_metadata(load_metadata(args.run / "metadata.json"))
     model = load_for_inference(args.run / "model.pt", torch.device("cpu"))
-    rng = random.Random(args.seed)
-    samples = []
-    for target, name in enumerate(labels):
-        files = sorted((args.images / name).glob("*.jpg"))
-        samples += [(p, target) for p in rng.sample(files, min(args.per_class, len(files)))]
+    samples = pick_images(args.data, args.split, labels, load_metadata(args.run / "metadata.json"), args.per_class,
+                          random.Random(args.seed))
     targets = torch.tensor([t for _, t in samples])
     originals = [decode_image(p.read_bytes(), config.max_pixels) for p, _ in samples]
 
-    results: dict = {"images": len(samples), "classes": len(labels), "run": str(args.run), "conditions": {}}
+    results: dict = {"images": len(samples), "split": args.split, "classes": len(labels), "run": str(args.run),
+                     "conditions": {}}
     clean_top1 = None
     for name, shift in CONDITIONS.items():
         shift_rng = random.Random(args.seed + 1)
@@ -175,7 +196,7 @@ def main() -> int:
                 strip.paste(images[j * len(images) // 8].resize((100, 100)), (100 * j, 0))
             (args.run / "robustness").mkdir(exist_ok=True)
             strip.save(args.run / "robustness" / f"{name}.png")
-    save_results("robustness", results)
+    save_results(f"robustness-{args.split}", results)
     return 0
 
 
