@@ -60,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--freeze-epochs", type=int, default=0,
                    help="with --weights: train only the classifier for this many epochs, then unfreeze everything")
     t.add_argument("--input-size", type=int, default=64)
-    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--epochs", type=int, default=18)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--eval-batch-size", type=int, default=256)
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (AdamW)")
