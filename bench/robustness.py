@@ -8,7 +8,7 @@ the images are the run's own validation split (carved from Training by the run's
 so that choosing a recipe by these numbers never looks at Test; ``--split test`` takes a stratified subset
 of the official Test split instead, to report. The shifts:
 - procedural backgrounds (wood-like stripes, a checkerboard, coloured noise): training replaces the
-  background with flat colours, smooth colour fields and blurred fruit, never these;
+  background with flat colours, smooth colour fields and a clutter of other fruit, never these;
 - the fruit at 55 % of the frame and off-centre, on white and on those backgrounds: *inside* the 45-80 %
   that training draws for 30 % of its samples (added after this benchmark showed the gap), so this row
   checks that the recipe covers it;
@@ -17,7 +17,7 @@ of the official Test split instead, to report. The shifts:
 - motion blur plus JPEG at quality 25 (training blurs with a Gaussian, never compresses);
 - all of these at once.
 
-Accuracy and macro-F1 per condition, and the drop from clean, go to bench/results/robustness.json; a strip
+Accuracy and macro-F1 per condition, and the drop from clean, go to bench/results/robustness-<split>.json; a strip
 of eight shifted images per condition goes to RUN/robustness/ to look at.
 """
 
@@ -148,7 +148,7 @@ def pick_images(data: Path, split: str, labels: list[str], metadata: dict, per_c
         for i in val_idx:
             by_class.setdefault(index.targets[i], []).append(index.paths[i])
     else:
-        by_class = {t: sorted((data / "Test" / name).glob("*.jpg")) for t, name in enumerate(labels)}
+        by_class = {t: list((data / "Test" / name).glob("*.jpg")) for t, name in enumerate(labels)}
     samples = []
     for target in range(len(labels)):
         files = sorted(by_class.get(target, []))
@@ -166,10 +166,10 @@ def main() -> int:
     args = parser.parse_args()
 
     labels = load_labels(args.run / "index_to_name.json")
-    config = PreprocessConfig.from_metadata(load_metadata(args.run / "metadata.json"))
+    metadata = load_metadata(args.run / "metadata.json")
+    config = PreprocessConfig.from_metadata(metadata)
     model = load_for_inference(args.run / "model.pt", torch.device("cpu"))
-    samples = pick_images(args.data, args.split, labels, load_metadata(args.run / "metadata.json"), args.per_class,
-                          random.Random(args.seed))
+    samples = pick_images(args.data, args.split, labels, metadata, args.per_class, random.Random(args.seed))
     targets = torch.tensor([t for _, t in samples])
     originals = [decode_image(p.read_bytes(), config.max_pixels) for p, _ in samples]
 

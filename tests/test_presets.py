@@ -22,9 +22,9 @@ def test_small_fruit_stays_whole_inside_the_frame():
     out = augment._geometry(x, torch.Generator().manual_seed(0))
     dark = (out[:, 0] < 0.6).flatten(1).sum(1).float()
     full = float((x[0, 0] < 0.6).sum())
-    # area scales with zoom^2: between 0.45^2 and 0.8^2 of the full disc, never clipped by the frame
+    # area scales with zoom^2: between 0.45^2 and 0.8^2 of the full disc; a disc cut by the frame would fall below
     assert bool((dark >= 0.45**2 * full * 0.9).all()) and bool((dark <= 0.8**2 * full * 1.1).all())
-    # each sample is shrunk by one zoom, so no part of the disc leaves the frame whatever the shift
+    # the whole zoom range is drawn, not just one end of it
     zoom = (dark / full).sqrt()
     assert float(zoom.min()) < 0.5 and float(zoom.max()) > 0.75
     centres_x = (out[:, 0] < 0.6).float().mul(torch.arange(64.0)).sum((1, 2)) / dark

@@ -6,7 +6,7 @@ on whole batches of tensors (one ``grid_sample`` for all geometry).
 
 Fruits-360 shows each fruit centred on pure white. Shop photos have clutter, other
 light and off-centre fruit, so the preset also swaps the white background for random
-surfaces or blurred crops of other fruit, shrinks and moves the fruit inside the frame,
+surfaces or a clutter of other fruit, shrinks and moves the fruit inside the frame,
 changes the light (gamma, warm/cool), shifts colour balance, blurs and adds noise.
 """
 
@@ -111,8 +111,9 @@ class TrainAugment:
         for _ in range(3):
             perm = torch.randperm(n, generator=g).to(x.device)
             dy, dx = (int(v) for v in torch.randint(0, max(h, w), (2,), generator=g))
-            shelf = torch.minimum(shelf, x[perm].flip(-1).roll((dy % h, dx % w), dims=(2, 3)))
-            covered = torch.maximum(covered, 1 - white[perm].flip(-1).roll((dy % h, dx % w), dims=(2, 3)))
+            shift = (dy % h, dx % w)
+            shelf = torch.minimum(shelf, x[perm].flip(-1).roll(shift, dims=(2, 3)))
+            covered = torch.maximum(covered, 1 - white[perm].flip(-1).roll(shift, dims=(2, 3)))
         shelf = shelf * covered + field * (1 - covered)
         return F.avg_pool2d(shelf, 3, stride=1, padding=1, count_include_pad=False)
 
