@@ -59,7 +59,7 @@ class ImageTooLarge(InputError):
 class PreprocessConfig:
     """What the model expects; stored in ``metadata.json`` next to every exported model."""
 
-    input_size: int = 64
+    input_size: int = 80  # fruit-train's default; a model's own metadata.json always says which
     mean: Sequence[float] = field(default=IMAGENET_MEAN)
     std: Sequence[float] = field(default=IMAGENET_STD)
     max_pixels: int = DEFAULT_MAX_PIXELS

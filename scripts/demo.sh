@@ -11,7 +11,7 @@ if [ "$DATA" = data/demo ] && [ ! -d data/demo/Training ]; then
     fruit-train make-demo-data data/demo
 fi
 if [ -z "${EPOCHS:-}" ]; then
-    # enough to show the pipeline; the full recipe (BENCHMARKS.md) is `make train EPOCHS=12`
+    # enough to show the pipeline; the full recipe (BENCHMARKS.md) is plain `make train`
     if [ "$DATA" = data/demo ]; then EPOCHS=10; else EPOCHS=2; fi
 fi
 # the synthetic set is small: smaller batches give the one-cycle schedule enough steps

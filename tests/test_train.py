@@ -17,6 +17,7 @@ from fruitserve.train import train as train_module
 from fruitserve.train.model import build_model, export_torchscript
 from fruitserve.train.synthetic import CLASSES
 from fruitserve.train.train import main as train_main
+from fruitserve.train.utils import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,7 @@ def test_run_directory_has_every_artifact(trained_run: Path):
     assert meta["mean"] == [0.485, 0.456, 0.406] and len(meta["dataset"]["fingerprint"]) == 64
     assert meta["packages"]["torch"].startswith("2.14.1") and meta["model_version"]
     assert meta["export_max_abs_diff"] <= 1e-5
+    assert meta["train_autocast"] == ("float32" if autocast_dtype(torch.device("cpu"), "auto") is None else "bfloat16")
     metrics = json.loads((trained_run / "metrics.json").read_text())
     test = metrics["test"]
     assert set(test["per_class"]) == set(CLASSES) and len(test["confusion_matrix"]) == len(CLASSES)
@@ -122,6 +124,15 @@ def test_evaluation_tensors_are_the_shared_preprocessing(trained_run: Path, demo
     decoded = datasets.decode_images(index.paths[:10], index.targets[:10], config, progress=False)
     direct = torch.stack([preprocess(p.read_bytes(), config) for p in index.paths[:10]])
     assert torch.equal(normalize(decoded.images, config.mean, config.std), direct)
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "fp32") is None
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.float16
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert autocast_dtype(cpu, "auto") is (torch.bfloat16 if native else None)
 
 
 def test_weights_file_is_loaded_and_checked(tmp_path: Path):

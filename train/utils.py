@@ -32,6 +32,21 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype training runs its forward pass in, or None for plain fp32.
+
+    ``auto`` is fp16 AMP on CUDA and bf16 on a CPU whose oneDNN has bf16 kernels (AVX-512 BF16 and
+    newer, about 1.4x faster here); elsewhere bf16 would be emulated and slower, so fp32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
 def package_versions(names: Iterable[str] = ("torch", "torchvision", "pillow", "numpy", "fruitserve")) -> dict:
     versions = {}
     for name in names:
