@@ -1,6 +1,6 @@
 """Batch-scoring benchmark on the full Fruits-360 Test split, all in one run:
 
-    .venv/bin/python bench/batch_scoring.py --run runs/bench-r18-64
+    .venv/bin/python bench/batch_scoring.py --run runs/<run>
 
 1. the in-process ceiling (decode + preprocess + forward, same batch size, no CSV, no workers);
 2. ``fruit-batch score --local``, compared with (1);

@@ -1,7 +1,7 @@
 """Reliability figures for RELIABILITY.md: the bad-input corpus, load and overload, killed workers,
 server restarts during ``fruit-batch``, and memory, against real torchserve processes on loopback.
 
-    .venv/bin/python bench/reliability.py --run runs/bench-r18-64 [--images ../shared/data/fruits-360/Test]
+    .venv/bin/python bench/reliability.py --run runs/<run> [--images ../shared/data/fruits-360/Test]
 
 Every loop is bounded (a request count or a deadline). Results: bench/results/reliability.json.
 """

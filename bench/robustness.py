@@ -1,6 +1,6 @@
 """How the served model holds up away from Fruits-360's white studio background: a stand-in for shop photos.
 
-    .venv/bin/python bench/robustness.py --run runs/bench-r18-64 [--split validation|test]
+    .venv/bin/python bench/robustness.py --run runs/<run> [--split validation|test]
 
 The real shop photos are held out, so this measures what can be measured here. Images get shifts applied
 at their own 100 px resolution, *before* the shared preprocessing, as a camera would give them. By default

@@ -1,6 +1,6 @@
 """Serving benchmark: our handler vs the in-process ceiling vs TorchServe's stock image_classifier.
 
-    .venv/bin/python bench/serving.py --run runs/bench-r18-64 [--images ../shared/data/fruits-360/Test]
+    .venv/bin/python bench/serving.py --run runs/<run> [--images ../shared/data/fruits-360/Test]
 
 All three are measured in one run on the same machine, with the same TorchScript model,
 batch size and threads. Prints JSON and Markdown rows for BENCHMARKS.md.
@@ -80,9 +80,9 @@ def stock_archive(run: Path, store: Path, config: Path) -> None:
 
 
 def measure_server(store: Path, workdir: Path, payloads: list[bytes], levels: list[int], requests_per_level: int,
-                   label: str) -> dict:
+                   label: str, extra_config: dict[str, str] | None = None) -> dict:
     start = time.perf_counter()
-    with TorchServe(workdir=workdir, model_store=store) as ts:
+    with TorchServe(workdir=workdir, model_store=store, extra_config=extra_config or {}) as ts:
         cold_start = time.perf_counter() - start
         headers = ts.headers() | {"Content-Type": "application/octet-stream"}
         run_load(ts.inference_url, "/predictions/fruit", payloads[:64], 4, 64, headers)  # warm-up
@@ -107,7 +107,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=SHIPPED["minWorkers"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
     parser.add_argument("--skip-stock", action="store_true")
+    parser.add_argument("--ts-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config.properties setting for both servers (e.g. vmargs=...)")
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.ts_config)
 
     payloads = sample_images(args.images, args.count)
     results: dict = {"machine": {"cpus": psutil.cpu_count(), "torch": torch.__version__}, "args": {
@@ -124,7 +127,8 @@ def main() -> int:
                                               threads=args.threads))
         ours = tmp_path / "ours"
         build_archive(args.run, ours, config_file=config)
-        results["ours"] = measure_server(ours, tmp_path / "ts-ours", payloads, args.levels, args.requests, "ours")
+        results["ours"] = measure_server(ours, tmp_path / "ts-ours", payloads, args.levels, args.requests, "ours",
+                                       extra)
         ceilings.append(in_process_ceiling(args.run, payloads, args.batch, ceiling_threads))
         print("in-process ceiling (after)", round(ceilings[1], 1), flush=True)
         results["ceiling_runs_img_per_s"] = [round(c, 1) for c in ceilings]
@@ -136,7 +140,7 @@ def main() -> int:
             results["stock_ceiling_224px_img_per_s"] = round(
                 in_process_ceiling(args.run, payloads[:512], args.batch, ceiling_threads, size=224), 1)
             results["stock"] = measure_server(stock, tmp_path / "ts-stock", payloads, args.levels,
-                                              max(256, args.requests // 4), "stock")
+                                              max(256, args.requests // 4), "stock", extra)
     save_results("serving", results)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -40,6 +41,14 @@ def test_run_directory_has_every_artifact(trained_run: Path):
     assert sum(map(sum, test["confusion_matrix"])) == test["images"] == 8 * len(CLASSES)
     # sane accuracy: far above the 1/7 of guessing after a 6-epoch run on 189 images
     assert test["top1"] >= 0.6 and test["macro_f1"] >= 0.5
+
+
+def test_best_epoch_has_the_best_validation_f1_then_loss(trained_run: Path):
+    with open(trained_run / "history.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6
+    best = max(rows, key=lambda r: (float(r["val_macro_f1"]), -float(r["val_loss"])))  # first of equals, like training
+    assert json.loads((trained_run / "metadata.json").read_text())["best_epoch"] == int(best["epoch"])
 
 
 def test_torchscript_loads_without_this_repo_and_matches_eager(trained_run: Path, tmp_path: Path):

@@ -332,7 +332,9 @@ def _write_history(path: Path, history: list[dict]) -> None:
         return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        # rows of a run resumed from an older checkpoint may lack newer columns (val_loss)
+        fieldnames = list(dict.fromkeys(key for row in history for key in row))
+        writer = csv.DictWriter(handle, fieldnames=fieldnames, restval="")
         writer.writeheader()
         writer.writerows(history)
     tmp.replace(path)
