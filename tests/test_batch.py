@@ -96,7 +96,26 @@ def test_resume_keeps_rows_and_drops_a_torn_line(demo_data: Path, model_store: P
     assert len(read_rows(out)) == 19
     result = CliRunner().invoke(batch_main, [*args, "--resume"])
     assert result.exit_code == 0 and f"{len(full) - 19} scored this run" in result.stderr
-    assert read_csv(out) == full
+    assert same_scores(read_csv(out), full)
+
+
+def same_scores(rows: list[dict], expected: list[dict], atol: float = 1e-5) -> bool:
+    """Equal rows, except that probabilities may differ in the last printed digit: a resumed run scores the
+    remaining images in other batch compositions, and oneDNN's kernels round differently by batch size."""
+    if len(rows) != len(expected):
+        return False
+    for row, want in zip(rows, expected, strict=True):
+        exact = [c for c in row if c not in ("confidence", "top_k")]
+        if [row[c] for c in exact] != [want[c] for c in exact] or row.keys() != want.keys():
+            return False
+        if row["confidence"] and abs(float(row["confidence"]) - float(want["confidence"])) > atol:
+            return False
+        if row["top_k"]:
+            got, exp = json.loads(row["top_k"]), json.loads(want["top_k"])
+            if [g["label"] for g in got] != [e["label"] for e in exp] or any(
+                    abs(g["probability"] - e["probability"]) > atol for g, e in zip(got, exp, strict=True)):
+                return False
+    return True
 
 
 def test_help_documents_exit_codes_and_columns():
