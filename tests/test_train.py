@@ -18,7 +18,7 @@ from fruitserve.train import train as train_module
 from fruitserve.train.model import build_model, export_torchscript
 from fruitserve.train.synthetic import CLASSES
 from fruitserve.train.train import main as train_main
-from fruitserve.train.utils import autocast_dtype
+from fruitserve.train.utils import autocast_dtype, cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_run_directory_has_every_artifact(trained_run: Path):
     assert meta["mean"] == [0.485, 0.456, 0.406] and len(meta["dataset"]["fingerprint"]) == 64
     assert meta["packages"]["torch"].startswith("2.14.1") and meta["model_version"]
     assert meta["export_max_abs_diff"] <= 1e-5
-    assert meta["train_autocast"] == ("float32" if autocast_dtype(torch.device("cpu"), "auto") is None else "bfloat16")
+    assert meta["train_autocast"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
     metrics = json.loads((trained_run / "metrics.json").read_text())
     test = metrics["test"]
     assert set(test["per_class"]) == set(CLASSES) and len(test["confusion_matrix"]) == len(CLASSES)
@@ -140,8 +140,9 @@ def test_precision_choice():
     assert autocast_dtype(cpu, "fp32") is None
     assert autocast_dtype(cpu, "bf16") is torch.bfloat16
     assert autocast_dtype(torch.device("cuda"), "auto") is torch.float16
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert autocast_dtype(cpu, "auto") is (torch.bfloat16 if native else None)
+    assert autocast_dtype(cpu, "auto") is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    if cpu_has_native_bf16():  # only where the instructions exist (never on an AVX2-only CPU)
+        assert torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
 
 
 def test_weights_file_is_loaded_and_checked(tmp_path: Path):

@@ -35,8 +35,8 @@ def select_device(name: str) -> torch.device:
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The dtype training runs its forward pass in, or None for plain fp32.
 
-    ``auto`` is fp16 AMP on CUDA and bf16 on a CPU whose oneDNN has bf16 kernels (AVX-512 BF16 and
-    newer, about 1.4x faster here); elsewhere bf16 would be emulated and slower, so fp32.
+    ``auto`` is fp16 AMP on CUDA and bf16 on a CPU with native bf16 instructions (about 1.3-1.4x faster
+    on the AVX-512 BF16 machine of BENCHMARKS.md); elsewhere bf16 would be emulated and slower, so fp32.
     """
     if precision == "fp32":
         return None
@@ -44,7 +44,18 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.float16
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def cpu_has_native_bf16() -> bool:
+    """oneDNN runs bf16 on any AVX-512 CPU, but only AVX-512 BF16 or AMX do it in hardware."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:  # not Linux: trust oneDNN
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def package_versions(names: Iterable[str] = ("torch", "torchvision", "pillow", "numpy", "fruitserve")) -> dict:
