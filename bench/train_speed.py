@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torchvision
 from fruitserve.train.presets import TrainAugment
+from fruitserve.train.utils import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64
@@ -59,8 +60,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    results = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16,
+    results = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
                "threads": args.threads, "batch": BATCH, "rows": []}
     print("| input | fp32 img/s | bf16 img/s | bf16 / fp32 | augmentation share (fp32) |")
     print("|---|---|---|---|---|")
