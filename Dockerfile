@@ -66,6 +66,7 @@ COPY --from=builder /opt/venv /opt/venv
 # Configuration, healthcheck and archive belong to root: the serving user can read but not change them,
 # so a compromised worker cannot plant a new archive or loosen the configuration for the next start.
 COPY docker/config.properties /etc/fruitserve/config.properties
+COPY log4j2.xml /etc/fruitserve/log4j2.xml
 COPY docker/healthcheck.py /usr/local/bin/fruit-healthcheck
 COPY ${MAR} /home/model-server/model-store/fruit.mar
 

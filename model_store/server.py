@@ -142,6 +142,8 @@ class TorchServe:
         if self.envelope:
             settings["service_envelope"] = self.envelope
         settings |= self.extra_config
+        if "vmargs" in settings:
+            settings["vmargs"] = _absolute_log_config(settings["vmargs"], base.parent)
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         return self.config_path
 
@@ -246,6 +248,23 @@ class TorchServe:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+LOG_CONFIG_ARG = "-Dlog4j.configurationFile="
+
+
+def _absolute_log_config(vmargs: str, root: Path) -> str:
+    """``vmargs`` with a relative log4j2 file made absolute against ``root``.
+
+    config.properties names it relative to the directory torchserve is started from (the repository
+    root), but this class starts torchserve in its own working directory.
+    """
+    words = []
+    for word in vmargs.split():
+        if word.startswith(LOG_CONFIG_ARG) and not Path(word[len(LOG_CONFIG_ARG):]).is_absolute():
+            word = LOG_CONFIG_ARG + str(root / word[len(LOG_CONFIG_ARG):])
+        words.append(word)
+    return " ".join(words)
 
 
 def _read_properties(path: Path) -> dict[str, str]:

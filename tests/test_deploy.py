@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from urllib.parse import parse_qs, urlsplit
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -43,6 +44,7 @@ from deploy_helpers import (
     stage_args,
     substitute,
 )
+from fruitserve.model_store.server import LOG_CONFIG_ARG
 
 # Keys of config.properties that say where to listen and what to load; every other key is a limit or a
 # security setting that the container and KServe configs must repeat unchanged.
@@ -135,10 +137,52 @@ def test_image_serves_the_mar_with_the_container_config():
     assert exposed == {address_port(config["inference_address"]), address_port(config["metrics_address"])}
 
 
+def without_log_config(settings: dict[str, str]) -> dict[str, str]:
+    """``settings`` with the log4j2 file left out of ``vmargs``: where that file lives is placement."""
+    if "vmargs" in settings:
+        words = [w for w in settings["vmargs"].split() if not w.startswith(LOG_CONFIG_ARG)]
+        settings = settings | {"vmargs": " ".join(words)}
+    return settings
+
+
+def log_config(settings: dict[str, str]) -> str:
+    [path] = [w[len(LOG_CONFIG_ARG):] for w in settings["vmargs"].split() if w.startswith(LOG_CONFIG_ARG)]
+    return path
+
+
 def test_container_config_repeats_every_limit_of_the_host_config():
-    main, docker = read_properties(MAIN_CONFIG), read_properties(DOCKER_CONFIG)
+    main, docker = without_log_config(read_properties(MAIN_CONFIG)), without_log_config(read_properties(DOCKER_CONFIG))
     shared = set(main) - PLACEMENT_KEYS
     assert {k: docker.get(k) for k in shared} == {k: main[k] for k in shared}
+
+
+def test_every_config_logs_through_the_repository_log4j2_file():
+    """The host, container and KServe configs each name a log4j2.xml that is there when the server starts."""
+    log4j = ROOT / "log4j2.xml"
+    assert log_config(read_properties(MAIN_CONFIG)) == "log4j2.xml"  # beside config.properties, like model_store
+    global_args, stages = dockerfile_stages()
+    copies = {}
+    for copy_ in instructions(stages[-1], "COPY"):
+        if not copy_.args.startswith("--from"):
+            source, destination = substitute(copy_.args, stage_args(stages[-1], global_args)).split()[-2:]
+            copies[source] = destination
+    assert copies["log4j2.xml"] == log_config(read_properties(DOCKER_CONFIG))
+    kserve_path = log_config(read_properties(KSERVE_CONFIG))
+    assert kserve_path == "/mnt/models/config/log4j2.xml"  # KServe copies storageUri to /mnt/models
+    assert (KSERVE_CONFIG.parent / "log4j2.xml").resolve() == log4j.resolve()
+    assert "config/log4j2.xml" in (ROOT / "deploy" / "kserve" / "README.md").read_text()
+
+
+def test_log4j2_file_defines_every_appender_it_uses():
+    root = ElementTree.parse(ROOT / "log4j2.xml").getroot()
+    appenders = {a.get("name") for a in root.find("Appenders")}
+    used = {ref.get("ref") for ref in root.iter("AppenderRef")}
+    assert used and used <= appenders, used - appenders
+    loggers = {logger.get("name"): logger for logger in root.find("Loggers")}
+    # TorchServe's loggers: each writes its own file once (no additivity to the root's ts_log.log)
+    for name in ("ACCESS_LOG", "MODEL_LOG", "MODEL_METRICS", "TS_METRICS", "org.pytorch.serve"):
+        assert loggers[name].get("additivity") == "false", name
+    assert loggers["org.pytorch.serve"].get("level") == "info"
 
 
 @pytest.mark.parametrize("path", [
@@ -431,7 +475,7 @@ def test_kserve_config_snapshot_registers_fruit_like_model_config():
 
 
 def test_kserve_config_repeats_the_host_limits():
-    main, kserve = read_properties(MAIN_CONFIG), read_properties(KSERVE_CONFIG)
+    main, kserve = without_log_config(read_properties(MAIN_CONFIG)), without_log_config(read_properties(KSERVE_CONFIG))
     shared = set(main) - PLACEMENT_KEYS - KSERVE_TOKEN_KEYS
     assert {k: kserve.get(k) for k in shared} == {k: main[k] for k in shared}
 

@@ -129,6 +129,23 @@ def test_bad_requests_in_a_batch_fail_alone(server: TorchServe, trained_run: Pat
     assert post(server, data=good[0][1]).status_code == 200
 
 
+def test_logs_each_request_once_and_no_debug_lines(server: TorchServe):
+    """The repository's log4j2.xml is in effect: one access line per request, ts_log.log without
+    TorchServe's per-request DEBUG lines or a second copy of the access and metric lines."""
+    logs = server.workdir / "logs"
+
+    def access_lines() -> int:
+        return (logs / "access_log.log").read_text().count('"POST /predictions/fruit HTTP/1.1"')
+
+    before = access_lines()
+    for seed in range(3):
+        assert post(server, data=jpeg_bytes("Banana", seed=300 + seed)).status_code == 200
+    assert access_lines() == before + 3
+    ts_log = (logs / "ts_log.log").read_text()
+    assert "Torchserve version" in ts_log  # it is written, at INFO
+    assert "[DEBUG]" not in ts_log and "ACCESS_LOG" not in ts_log and "TS_METRICS" not in ts_log
+
+
 def test_body_over_max_request_size_is_refused(server: TorchServe):
     response = post(server, data=b"\0" * (21 * 1024 * 1024))
     assert response.status_code == 413
