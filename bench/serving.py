@@ -79,6 +79,18 @@ def stock_archive(run: Path, store: Path, config: Path) -> None:
                     "--force"], check=True, timeout=600)
 
 
+def server_processes(ts: TorchServe) -> dict[str, list[psutil.Process]]:
+    """The Java frontend and the Python model workers of ``ts`` (its launcher sleeps, so it is left out)."""
+    children = psutil.Process(ts.process.pid).children(recursive=True)
+    workers = set(ts.worker_pids())
+    return {"frontend": [p for p in children if p.name() == "java"],
+            "workers": [p for p in children if p.pid in workers]}
+
+
+def cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    return {name: sum(sum(p.cpu_times()[:2]) for p in group) for name, group in processes.items()}
+
+
 def measure_server(store: Path, workdir: Path, payloads: list[bytes], levels: list[int], requests_per_level: int,
                    label: str, extra_config: dict[str, str] | None = None) -> dict:
     start = time.perf_counter()
@@ -86,10 +98,18 @@ def measure_server(store: Path, workdir: Path, payloads: list[bytes], levels: li
         cold_start = time.perf_counter() - start
         headers = ts.headers() | {"Content-Type": "application/octet-stream"}
         run_load(ts.inference_url, "/predictions/fruit", payloads[:64], 4, 64, headers)  # warm-up
+        processes = server_processes(ts)
         rows = []
         for c in levels:
+            before = cpu_seconds(processes)
             result = run_load(ts.inference_url, "/predictions/fruit", payloads, c, requests_per_level, headers)
-            rows.append(result.row())
+            after = cpu_seconds(processes)
+            # where the two cores went: CPU ms per request of each process group, the client's from its share
+            rows.append(result.row() | {f"{name}_cpu_ms_per_request": round((after[name] - before[name]) * 1000
+                                                                            / requests_per_level, 3)
+                                        for name in after} | {
+                "client_cpu_ms_per_request": round(result.client_cpu_share * (psutil.cpu_count() or 1)
+                                                   * result.seconds * 1000 / requests_per_level, 3)})
             print(label, json.dumps(rows[-1]), flush=True)
         rss = sum(psutil.Process(pid).memory_info().rss for pid in ts.worker_pids()) / 2**20
     return {"label": label, "cold_start_s": round(cold_start, 2), "worker_rss_mib": round(rss), "levels": rows}
