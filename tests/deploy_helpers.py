@@ -121,6 +121,17 @@ def instructions(stage: list[Instruction], keyword: str) -> list[Instruction]:
     return [i for i in stage if i.keyword == keyword]
 
 
+def context_copies(stage: list[Instruction], inherited: dict[str, str] | None = None) -> dict[str, str]:
+    """``source -> destination`` of the stage's COPY instructions from the build context (not ``--from``)."""
+    values = stage_args(stage, inherited)
+    copies = {}
+    for copy_ in instructions(stage, "COPY"):
+        if not copy_.args.startswith("--from"):
+            source, destination = substitute(copy_.args, values).split()[-2:]
+            copies[source] = destination
+    return copies
+
+
 def dockerignore_patterns(path: Path = DOCKERIGNORE) -> list[tuple[bool, str]]:
     """(is an exception ``!``, pattern) in file order, cleaned the way Docker cleans them."""
     patterns = []

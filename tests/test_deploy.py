@@ -36,6 +36,7 @@ from deploy_helpers import (
     MODEL_CONFIG,
     ROOT,
     address_port,
+    context_copies,
     dockerfile_stages,
     dockerignore_patterns,
     instructions,
@@ -114,11 +115,7 @@ def test_image_serves_the_mar_with_the_container_config():
     runtime = stages[-1]
     values = stage_args(runtime, global_args)
     assert values.get("MAR") == "model_store/fruit.mar", "ARG MAR defaults to the archive `make mar` writes"
-    copies = {}
-    for copy_ in instructions(runtime, "COPY"):
-        if not copy_.args.startswith("--from"):
-            source, destination = substitute(copy_.args, values).split()[-2:]
-            copies[source] = destination
+    copies = context_copies(runtime, global_args)
     assert copies["model_store/fruit.mar"] == f"{MODEL_STORE_IN_IMAGE}/fruit.mar"
     config = read_properties(DOCKER_CONFIG)
     assert config["model_store"] == MODEL_STORE_IN_IMAGE and config["load_models"] == "fruit.mar"
@@ -161,12 +158,7 @@ def test_every_config_logs_through_the_repository_log4j2_file():
     log4j = ROOT / "log4j2.xml"
     assert log_config(read_properties(MAIN_CONFIG)) == "log4j2.xml"  # beside config.properties, like model_store
     global_args, stages = dockerfile_stages()
-    copies = {}
-    for copy_ in instructions(stages[-1], "COPY"):
-        if not copy_.args.startswith("--from"):
-            source, destination = substitute(copy_.args, stage_args(stages[-1], global_args)).split()[-2:]
-            copies[source] = destination
-    assert copies["log4j2.xml"] == log_config(read_properties(DOCKER_CONFIG))
+    assert context_copies(stages[-1], global_args)["log4j2.xml"] == log_config(read_properties(DOCKER_CONFIG))
     kserve_path = log_config(read_properties(KSERVE_CONFIG))
     assert kserve_path == "/mnt/models/config/log4j2.xml"  # KServe copies storageUri to /mnt/models
     assert (KSERVE_CONFIG.parent / "log4j2.xml").resolve() == log4j.resolve()
@@ -197,8 +189,7 @@ def test_dockerignore_keeps_local_state_out_of_the_context(path: str):
 def test_dockerignore_admits_what_the_dockerfile_copies():
     global_args, stages = dockerfile_stages()
     patterns = dockerignore_patterns()
-    sources = [substitute(c.args, stage_args(stages[-1], global_args)).split()[-2]
-               for c in instructions(stages[-1], "COPY") if not c.args.startswith("--from")]
+    sources = list(context_copies(stages[-1], global_args))
     assert sources and [s for s in sources if is_ignored(s, patterns)] == []
     assert (ROOT / "docker" / "config.properties").is_file() and HEALTHCHECK.is_file()
     assert DOCKERIGNORE.is_file()
