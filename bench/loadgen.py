@@ -27,12 +27,17 @@ class LoadResult:
     seconds: float
     statuses: dict[int, int]
     latencies_ms: list[float]
-    client_cpu_share: float  # of the whole machine (all cores)
+    client_cpu_seconds: float  # the generator's own CPU time (user + system) over the run
     latencies_by_status: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def client_cpu_share(self) -> float:
+        """Of the whole machine (all cores)."""
+        return self.client_cpu_seconds / self.seconds / (os.cpu_count() or 1)
 
     def percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -192,4 +197,4 @@ def run_load(url: str, path: str, payloads: list[bytes], concurrency: int, total
     selector.close()
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
-    return LoadResult(concurrency, total, wall, statuses, latencies, cpu / wall / (os.cpu_count() or 1), by_status)
+    return LoadResult(concurrency, total, wall, statuses, latencies, cpu, by_status)

@@ -104,12 +104,11 @@ def measure_server(store: Path, workdir: Path, payloads: list[bytes], levels: li
             before = cpu_seconds(processes)
             result = run_load(ts.inference_url, "/predictions/fruit", payloads, c, requests_per_level, headers)
             after = cpu_seconds(processes)
-            # where the two cores went: CPU ms per request of each process group, the client's from its share
+            # where the two cores went: CPU ms per request of each process group and of the client
             rows.append(result.row() | {f"{name}_cpu_ms_per_request": round((after[name] - before[name]) * 1000
                                                                             / requests_per_level, 3)
                                         for name in after} | {
-                "client_cpu_ms_per_request": round(result.client_cpu_share * (psutil.cpu_count() or 1)
-                                                   * result.seconds * 1000 / requests_per_level, 3)})
+                "client_cpu_ms_per_request": round(result.client_cpu_seconds * 1000 / requests_per_level, 3)})
             print(label, json.dumps(rows[-1]), flush=True)
         rss = sum(psutil.Process(pid).memory_info().rss for pid in ts.worker_pids()) / 2**20
     return {"label": label, "cold_start_s": round(cold_start, 2), "worker_rss_mib": round(rss), "levels": rows}
