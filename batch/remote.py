@@ -9,20 +9,22 @@ frontend routes them to the model), so ``--url`` is always just the base address
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import http.client
+import functools
 import json
+import queue
 import random
 import threading
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
 
 from .errors import ServerUnavailable, UsageError
+from .http1 import Connection, Response
 from .results import Result
 
 # Worth another try: overloaded (503), and a worker that died mid-batch (507 "Worker died.", or 500 when the kill
@@ -33,6 +35,10 @@ RETRY_STATUSES = {500, 503, 507}
 # a pod starts or is replaced.
 KSERVE_RETRY_STATUSES = RETRY_STATUSES | {502, 504}
 PROTOCOLS = ("torchserve", "kserve-v1", "kserve-v2")
+# A failed attempt, worth another: refused or reset connections, TLS errors, timeouts, answers cut short or
+# not HTTP (ProtocolError and asyncio.LimitOverrunError are ValueError / Exception subclasses of their own).
+NETWORK_ERRORS = (OSError, EOFError, TimeoutError, ValueError, asyncio.LimitOverrunError)
+_DONE = object()
 
 
 class BadAnswer(ValueError):
@@ -52,7 +58,6 @@ class RemoteScorer:
     top_k: int | None = None
     protocol: str = "torchserve"
     host_header: str | None = None
-    _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -104,37 +109,14 @@ class RemoteScorer:
             raise BadAnswer(f"unexpected {self.protocol} answer: {body[:200]!r}")
         return answer
 
-    def _connection(self, url: str) -> http.client.HTTPConnection:
-        """One keep-alive connection per thread and server: ``http.client`` costs far less CPU per request than
-        ``requests`` on a machine whose cores the server needs too."""
-        connections = getattr(self._local, "connections", None)
-        if connections is None:
-            connections = self._local.connections = {}
+    async def _post(self, connections: dict[str, Connection], url: str, payload: bytes,
+                    while_waiting: Callable[[], Awaitable[None]] | None) -> Response:
         conn = connections.get(url)
         if conn is None:
-            parts = urlsplit(url)
-            cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            conn = connections[url] = cls(parts.hostname, parts.port, timeout=self.timeout)
-        return conn
-
-    def _drop(self, url: str) -> None:
-        conn = self._local.connections.pop(url, None)
-        if conn is not None:
-            conn.close()
-
-    def _post(self, url: str, payload: bytes) -> tuple[int, bytes]:
-        conn = self._connection(url)
-        try:
-            conn.request("POST", f"{urlsplit(url).path}{self.path}", body=payload,
-                         headers=self.headers | {"Content-Length": str(len(payload))})
-            response = conn.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException):
-            self._drop(url)
-            raise
-        if response.getheader("connection", "").lower() == "close":
-            self._drop(url)
-        return response.status, body
+            conn = connections[url] = Connection(url, self.connect_timeout)
+        async with asyncio.timeout(self.timeout):
+            return await conn.request("POST", f"{urlsplit(url).path}{self.path}", self.headers, payload,
+                                      while_waiting)
 
     def _ready_paths(self) -> list[str]:
         # KServe answers its own readiness paths; TorchServe answers neither (404) but has /ping
@@ -165,75 +147,132 @@ class RemoteScorer:
         return UsageError(f"{url} does not serve a model named {self.model!r} (HTTP 404 on {self._ready_paths()[0]} "
                           f"/ {self.path}): check --model{hint}")
 
-    def score_one(self, root: Path, rel: Path, attempt_offset: int, stop: threading.Event) -> Result:
-        path = rel.as_posix()
+    def _job(self, todo: Iterator[tuple[int, Path]], root: Path, stop: threading.Event) -> _Job | Result | None:
+        """The next file, read and encoded; its error row if it cannot be read; None when none is left."""
+        item = None if stop.is_set() else next(todo, None)
+        if item is None:
+            return None
+        index, rel = item
         try:
-            payload = self.encode((root / rel).read_bytes())
+            return _Job(index, rel.as_posix(), self.encode((root / rel).read_bytes()))
         except OSError as exc:
-            return Result.failed(path, f"cannot read file: {exc.strerror or exc}")
+            return Result.failed(rel.as_posix(), f"cannot read file: {exc.strerror or exc}")
+
+    async def _read_ahead(self, upcoming: list[_Job | Result | None], todo: Iterator[tuple[int, Path]], root: Path,
+                          stop: threading.Event) -> None:
+        """Read the lane's next file into ``upcoming`` (once, on the first try to send this one)."""
+        if not upcoming:
+            await asyncio.sleep(0)  # the other lanes whose answers just came send their requests first
+            upcoming.append(self._job(todo, root, stop))
+
+    async def _send(self, connections: dict[str, Connection], job: _Job, stop: threading.Event,
+                    while_waiting: Callable[[], Awaitable[None]]) -> Response | Result:
+        """The server's 200 answer for ``job``, or its final error row, after as many tries as it takes."""
         last = ""
         for attempt in range(self.retries + 1):
-            url = self.urls[(attempt_offset + attempt) % len(self.urls)]
+            url = self.urls[(job.index + attempt) % len(self.urls)]
             try:
-                status, body = self._post(url, payload)
-            except (OSError, http.client.HTTPException) as exc:
+                response = await self._post(connections, url, job.payload, while_waiting)
+            except NETWORK_ERRORS as exc:
                 last = f"{url}: {type(exc).__name__}"
             else:
+                status, body = response.status, response.body
                 if status == 200:
-                    return self._result(path, body)
+                    return response
                 if status == 404:  # the model, not the file: no other file would fare better
                     raise self._no_model(url)
                 if status not in self.retry_statuses:
-                    return Result.failed(path, _error_message(status, body), status)
+                    return Result.failed(job.path, _error_message(status, body), status)
                 last = f"{url}: HTTP {status}"
                 if status == 500 and attempt == self.retries:
                     # a 500 that stays may be this file's own (the handler answers 500 for one request it cannot
                     # read): a row for it, not the end of the run
-                    return Result.failed(path, _error_message(status, body), status)
+                    return Result.failed(job.path, _error_message(status, body), status)
             pause = min(10.0, self.backoff * 2**attempt) * (0.5 + random.random())
-            if attempt < self.retries and stop.wait(pause):
+            if attempt < self.retries and await _pause(pause, stop):
                 break  # the run is stopping: leave this file for --resume
-        raise ServerUnavailable(f"gave up on {path} after {self.retries + 1} attempts ({last})")
+        raise ServerUnavailable(f"gave up on {job.path} after {self.retries + 1} attempts ({last})")
+
+    async def _lane(self, todo: Iterator[tuple[int, Path]], root: Path, stop: threading.Event,
+                    outbox: _Outbox) -> None:
+        """One file at a time, on this lane's own keep-alive connections, until the files or the run end. The
+        next file is read while the server works on this one, so that an answer is followed by the next request
+        at once: the server's next batch waits for the last of its requests."""
+        connections: dict[str, Connection] = {}
+        try:
+            job = self._job(todo, root, stop)
+            while job is not None:
+                if isinstance(job, Result):
+                    outbox.put(job)
+                    job = self._job(todo, root, stop)
+                    continue
+                upcoming: list[_Job | Result | None] = []
+                try:
+                    outcome = await self._send(connections, job, stop,
+                                               functools.partial(self._read_ahead, upcoming, todo, root, stop))
+                except (ServerUnavailable, UsageError) as exc:
+                    # stop starting new files, but keep what the other lanes' requests in flight bring back
+                    stop.set()
+                    outbox.put(exc)
+                    return
+                outbox.put(outcome if isinstance(outcome, Result) else (job.path, outcome.body))
+                job = upcoming[0] if upcoming else self._job(todo, root, stop)
+        finally:
+            for conn in connections.values():
+                conn.close()
+
+    async def _lanes(self, root: Path, paths: list[Path], stop: threading.Event, closing: threading.Event,
+                     finished: queue.SimpleQueue) -> None:
+        todo = iter(enumerate(paths))
+        outbox = _Outbox(finished, self._result)
+        lanes = [asyncio.create_task(self._lane(todo, root, stop, outbox)) for _ in range(self.concurrency)]
+        while not all(lane.done() for lane in lanes):
+            if closing.is_set():  # the caller went away (Ctrl-C): requests in flight are dropped, --resume redoes them
+                for lane in lanes:
+                    lane.cancel()
+            await asyncio.wait(lanes, timeout=0.1)
+        for lane in lanes:
+            if not lane.cancelled() and lane.exception() is not None:
+                outbox.put(lane.exception())
+        outbox.flush()
 
     def score(self, root: Path, paths: list[Path], stop: threading.Event) -> Iterator[Result]:
-        """Results in completion order; at most ``concurrency`` files are in flight (and in memory)."""
+        """Results in completion order; at most ``concurrency`` files are in flight (and in memory). The requests
+        run on one event loop in a helper thread; this thread only writes what comes back."""
         self.check_ready()
-        todo = iter(enumerate(paths))
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="fruit-batch") as pool:
-            running: set[Future] = set()
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        closing = threading.Event()
 
-            def refill() -> None:
-                while len(running) < self.concurrency * 2 and not stop.is_set():
-                    item = next(todo, None)
-                    if item is None:
-                        return
-                    running.add(pool.submit(self.score_one, root, item[1], item[0], stop))
-
-            refill()
-            unavailable: ServerUnavailable | UsageError | None = None
+        def run() -> None:
             try:
-                while running:
-                    finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        running.discard(future)
-                        try:
-                            yield future.result()
-                        except (ServerUnavailable, UsageError) as exc:
-                            # stop starting new files, but keep what the other requests in flight bring back
-                            unavailable = unavailable or exc
-                            stop.set()
-                    refill()
+                asyncio.run(self._lanes(root, paths, stop, closing, finished))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
+                finished.put([exc])
             finally:
-                stop.set()
-                for future in running:
-                    future.cancel()
-            if unavailable is not None:
-                raise unavailable
+                finished.put(_DONE)
 
+        thread = threading.Thread(target=run, name="fruit-batch-http", daemon=True)
+        thread.start()
+        unavailable: ServerUnavailable | UsageError | None = None
+        try:
+            while (items := _next(finished)) is not _DONE:
+                for item in items:
+                    if isinstance(item, (ServerUnavailable, UsageError)):
+                        unavailable = unavailable or item
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        yield item
+        finally:
+            stop.set()
+            closing.set()
+            thread.join()
+        if unavailable is not None:
+            raise unavailable
 
     def _result(self, path: str, body: bytes) -> Result:
         """A row for a 200 answer; an answer in an unexpected shape is that file's error row, never an exception
-        (this runs in a worker thread, where an exception would end the whole run)."""
+        (this runs in a lane of the event loop, where an exception would end the whole run)."""
         try:
             answer = self.decode(body)
             if "error" in answer and "label" not in answer:  # KServe answers 200 and puts the image's error in its slot
@@ -255,6 +294,54 @@ def _checked_prediction(answer: dict) -> dict:
                     and isinstance(t.get("probability"), number) for t in top_k)):
         raise TypeError("prediction fields of the wrong type")
     return answer
+
+
+@dataclass
+class _Job:
+    index: int  # the file's place in the run: which server it tries first
+    path: str
+    payload: bytes
+
+
+class _Outbox:
+    """What the lanes hand to the caller's thread: results, and the errors that end the run. Answers that arrive
+    together are parsed after every lane has sent its next request, and cross to the other thread in one put."""
+
+    def __init__(self, finished: queue.SimpleQueue, parse: Callable[[str, bytes], Result]) -> None:
+        self.finished = finished
+        self.parse = parse
+        self.pending: list[Result | BaseException | tuple[str, bytes]] = []
+
+    def put(self, item: Result | BaseException | tuple[str, bytes]) -> None:
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append(item)
+
+    def flush(self) -> None:
+        if self.pending:
+            items, self.pending = self.pending, []
+            self.finished.put([self.parse(*item) if isinstance(item, tuple) else item for item in items])
+
+
+def _next(finished: queue.SimpleQueue) -> object:
+    """The next bunch of items, waiting in short steps so that Ctrl-C reaches this thread at once."""
+    while True:
+        try:
+            return finished.get(timeout=0.5)
+        except queue.Empty:
+            pass
+
+
+async def _pause(seconds: float, stop: threading.Event) -> bool:
+    """Sleep ``seconds`` unless the run stops first; True if it did."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not stop.is_set():
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, 0.1))
+    return True
 
 
 def _single(items: object) -> object:
