@@ -39,6 +39,7 @@ PROTOCOLS = ("torchserve", "kserve-v1", "kserve-v2")
 # not HTTP (ProtocolError and asyncio.LimitOverrunError are ValueError / Exception subclasses of their own).
 NETWORK_ERRORS = (OSError, EOFError, TimeoutError, ValueError, asyncio.LimitOverrunError)
 _DONE = object()
+FLUSH_DELAY = 0.005  # seconds
 
 
 class BadAnswer(ValueError):
@@ -314,7 +315,9 @@ class _Outbox:
 
     def put(self, item: Result | BaseException | tuple[str, bytes]) -> None:
         if not self.pending:
-            asyncio.get_running_loop().call_soon(self.flush)
+            # a few milliseconds gather the answers of a whole server-side batch: the other thread wakes once
+            # for them, instead of competing for the GIL with this loop (and for the cores with the server)
+            asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
         self.pending.append(item)
 
     def flush(self) -> None:
