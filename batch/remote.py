@@ -217,6 +217,8 @@ class RemoteScorer:
                     outbox.put(exc)
                     return
                 outbox.put(outcome if isinstance(outcome, Result) else (job.path, outcome.body))
+                if stop.is_set():  # a file read ahead is not started once the run stops: --resume scores it
+                    return
                 job = upcoming[0] if upcoming else self._job(todo, root, stop)
         finally:
             for conn in connections.values():
@@ -273,7 +275,7 @@ class RemoteScorer:
 
     def _result(self, path: str, body: bytes) -> Result:
         """A row for a 200 answer; an answer in an unexpected shape is that file's error row, never an exception
-        (this runs in a lane of the event loop, where an exception would end the whole run)."""
+        (one odd answer must not end the whole run)."""
         try:
             answer = self.decode(body)
             if "error" in answer and "label" not in answer:  # KServe answers 200 and puts the image's error in its slot
@@ -323,7 +325,15 @@ class _Outbox:
     def flush(self) -> None:
         if self.pending:
             items, self.pending = self.pending, []
-            self.finished.put([self.parse(*item) if isinstance(item, tuple) else item for item in items])
+            self.finished.put([self._parsed(item) if isinstance(item, tuple) else item for item in items])
+
+    def _parsed(self, answer: tuple[str, bytes]) -> Result | BaseException:
+        # this runs as a callback of the event loop, which would only log an exception and lose the row: a bug
+        # here goes to the other thread, which ends the run with it
+        try:
+            return self.parse(*answer)
+        except Exception as exc:  # noqa: BLE001
+            return exc
 
 
 def _next(finished: queue.SimpleQueue) -> object:

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from conftest import jpeg_bytes, read_csv, start_fruit_batch, wait_for_rows
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.batch.http1 import Connection, ProtocolError
+from fruitserve.batch.remote import RemoteScorer
 
 PREDICTION = b'{"label": "Lime", "confidence": 0.9, "top_k": [{"label": "Lime", "probability": 0.9}]}'
 
@@ -210,3 +211,24 @@ def test_interrupt_ends_the_run_at_once_and_keeps_whole_rows(server: str, tmp_pa
     assert "Rerun with --resume" in err and "Traceback" not in err
     rows = read_csv(out)
     assert 8 <= len(rows) < 200 and all(r["status"] == "ok" and r["label"] == "Lime" for r in rows)
+
+
+def test_a_bug_while_reading_answers_ends_the_run_at_once(server: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    # answers are parsed in a callback of the event loop, which on its own would only log the exception, drop
+    # the rows and go on scoring
+    def broken(self: RemoteScorer, path: str, body: bytes) -> None:
+        raise RuntimeError("bug in answer parsing")
+
+    monkeypatch.setattr(RemoteScorer, "_result", broken)
+    Shapes.delay = 0.01  # 200 files one at a time take at least 2 s
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(200):
+        (folder / f"{i:03d}.jpg").write_bytes(jpeg_bytes(seed=i))
+    result = CliRunner().invoke(batch_main, ["score", str(folder), str(tmp_path / "out.csv"), "--quiet", "--url", server,
+                                             "--model", "predictions", "--concurrency", "1",
+                                             "--key-file", str(tmp_path / "none.json")])
+    assert isinstance(result.exception, RuntimeError) and "bug in answer parsing" in str(result.exception)
+    assert read_csv(tmp_path / "out.csv") == []
+    assert len(Shapes.peers) < 100, "the run went on after the first answer it could not read"
