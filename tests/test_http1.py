@@ -10,15 +10,14 @@ import signal
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import jpeg_bytes, read_csv, start_fruit_batch, wait_for_rows
+from conftest import jpeg_bytes, local_http_server, read_csv, start_fruit_batch, wait_for_rows
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.batch.http1 import Connection, ProtocolError
 from fruitserve.batch.remote import RemoteScorer
@@ -87,17 +86,8 @@ class Shapes(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def serve(tls: ssl.SSLContext | None = None) -> Iterator[str]:
     Shapes.peers, Shapes.delay = [], 0.0
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Shapes)
-    httpd.daemon_threads = True
-    if tls is not None:
-        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with local_http_server(Shapes, tls) as url:
+        yield url
 
 
 @pytest.fixture

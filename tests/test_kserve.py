@@ -12,15 +12,15 @@ import csv
 import io
 import json
 import shutil
-import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import build_store, jpeg_bytes, read_csv
+from conftest import build_store, jpeg_bytes, local_http_server, read_csv
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.model_store.server import TorchServe, _read_properties
 from fruitserve.train.synthetic import CLASSES
@@ -411,16 +411,10 @@ class Scripted(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def scripted():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def scripted() -> Iterator[str]:
     Scripted.ready, Scripted.answers, Scripted.posts = (200, b"{}"), [], []
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with local_http_server(Scripted) as url:
+        yield url
 
 
 def score_one_file(url: str, tmp_path: Path, *args: str) -> tuple[int, str, list[dict[str, str]]]:
