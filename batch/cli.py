@@ -51,7 +51,8 @@ def main() -> None:
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=Path("key_file.json"),
               show_default=True, help="TorchServe's key_file.json, read when no token is given")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=16, show_default=True)
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for one answer")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="seconds for one request: connecting, sending the file and the whole answer")
 @click.option("--retries", type=click.IntRange(0, 20), default=5, show_default=True,
               help="retries for connection errors, 500, 503 and 507 (kserve protocols: also 502 and 504)")
 @click.option("--top-k", type=click.IntRange(1, None), default=None, help="how many classes per row [model default]")

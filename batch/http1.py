@@ -41,7 +41,8 @@ class Connection:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = (ssl_context or ssl.create_default_context()) if parts.scheme == "https" else None
         self.connect_timeout = connect_timeout
-        self.host_header = self.host if parts.port is None else f"{self.host}:{parts.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address keeps its brackets
+        self.host_header = host if parts.port is None else f"{host}:{parts.port}"
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -50,6 +51,8 @@ class Connection:
         """Send one request and read its whole answer; ``while_waiting`` runs once the request is sent. On any
         error the connection is closed (the next request opens a new one), so a half-read answer can never be
         taken for the next one's."""
+        if self._reader is not None and (self._reader.at_eof() or self._writer.is_closing()):
+            self.close()  # the server closed it while it was idle (a keep-alive timeout): not worth a retry
         try:
             if self._writer is None:
                 self._reader, self._writer = await asyncio.wait_for(
@@ -93,7 +96,9 @@ class Connection:
                 break
         keep_alive = headers.get("connection", "").lower() != "close" and (
             version != "HTTP/1.0" or headers.get("connection", "").lower() == "keep-alive")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
+        if status in (204, 304):  # never a body, whatever the headers say
+            body = b""
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
             body = await self._read_chunked()
         elif "content-length" in headers:
             try:
@@ -101,8 +106,6 @@ class Connection:
             except ValueError:
                 raise ProtocolError(f"bad Content-Length {headers['content-length']!r}") from None
             body = await self._reader.readexactly(length)
-        elif status in (204, 304):
-            body = b""
         else:  # the body runs to the end of the connection
             body, keep_alive = await self._reader.read(), False
         return Response(status, headers, body), keep_alive
@@ -137,5 +140,9 @@ def _parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:
             name, sep, value = line.partition(":")
             if not sep:
                 raise ProtocolError(f"bad header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
+            name, value = name.strip().lower(), value.strip()
+            if name == "content-length" and headers.get(name, value) != value:
+                # two lengths: which one frames the body is a guess, and a wrong guess shifts every later answer
+                raise ProtocolError("conflicting Content-Length headers")
+            headers[name] = value
     return version, int(code), headers

@@ -19,12 +19,12 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 
 from .errors import ServerUnavailable, UsageError
-from .http1 import Connection, Response
+from .http1 import Connection, ProtocolError, Response
 from .results import Result
 
 # Worth another try: overloaded (503), and a worker that died mid-batch (507 "Worker died.", or 500 when the kill
@@ -35,9 +35,9 @@ RETRY_STATUSES = {500, 503, 507}
 # a pod starts or is replaced.
 KSERVE_RETRY_STATUSES = RETRY_STATUSES | {502, 504}
 PROTOCOLS = ("torchserve", "kserve-v1", "kserve-v2")
-# A failed attempt, worth another: refused or reset connections, TLS errors, timeouts, answers cut short or
-# not HTTP (ProtocolError and asyncio.LimitOverrunError are ValueError / Exception subclasses of their own).
-NETWORK_ERRORS = (OSError, EOFError, TimeoutError, ValueError, asyncio.LimitOverrunError)
+# A failed attempt, worth another: refused or reset connections, TLS errors, timeouts, answers cut short
+# (asyncio.IncompleteReadError is an EOFError) or not HTTP.
+NETWORK_ERRORS = (OSError, EOFError, TimeoutError, ProtocolError, asyncio.LimitOverrunError)
 _DONE = object()
 FLUSH_DELAY = 0.005  # seconds
 
@@ -76,8 +76,9 @@ class RemoteScorer:
 
     @property
     def path(self) -> str:
-        return {"torchserve": f"/predictions/{self.model}", "kserve-v1": f"/v1/models/{self.model}:predict",
-                "kserve-v2": f"/v2/models/{self.model}/infer"}[self.protocol]
+        model = quote(self.model, safe="")
+        return {"torchserve": f"/predictions/{model}", "kserve-v1": f"/v1/models/{model}:predict",
+                "kserve-v2": f"/v2/models/{model}/infer"}[self.protocol]
 
     def encode(self, image: bytes) -> bytes:
         """The request body for one image."""
@@ -229,14 +230,20 @@ class RemoteScorer:
         todo = iter(enumerate(paths))
         outbox = _Outbox(finished, self._result)
         lanes = [asyncio.create_task(self._lane(todo, root, stop, outbox)) for _ in range(self.concurrency)]
+
+        def failed(lane: asyncio.Task) -> None:  # a bug in a lane ends the run now, not when the others finish
+            if not lane.cancelled() and lane.exception() is not None:
+                stop.set()
+                outbox.put(lane.exception())
+
+        for lane in lanes:
+            lane.add_done_callback(failed)
         while not all(lane.done() for lane in lanes):
             if closing.is_set():  # the caller went away (Ctrl-C): requests in flight are dropped, --resume redoes them
                 for lane in lanes:
                     lane.cancel()
             await asyncio.wait(lanes, timeout=0.1)
-        for lane in lanes:
-            if not lane.cancelled() and lane.exception() is not None:
-                outbox.put(lane.exception())
+        await asyncio.sleep(0)  # the lanes' done callbacks run
         outbox.flush()
 
     def score(self, root: Path, paths: list[Path], stop: threading.Event) -> Iterator[Result]:

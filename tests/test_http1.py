@@ -47,6 +47,9 @@ class Shapes(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             self.close_connection = True
             return
+        if shape == "not-modified":  # 304 never has a body, even with a Content-Length
+            self.wfile.write(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n")
+            return
         self.send_response(200)
         if shape == "chunked":
             self.send_header("Transfer-Encoding", "chunked")
@@ -59,6 +62,22 @@ class Shapes(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             self.close_connection = True
+        elif shape == "close-length":  # what TorchServe does after a 4xx
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+        elif shape == "idle-close":  # a keep-alive answer, then the server drops the idle connection
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+        elif shape == "two-lengths":
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(body)
         elif shape == "short":  # promises more than it sends, then hangs up
             self.send_header("Content-Length", str(len(body) + 100))
             self.end_headers()
@@ -125,10 +144,40 @@ def test_every_answer_shape_is_read_whole(server: str):
 
 
 def test_keep_alive_reuses_the_connection_until_the_server_closes_it(server: str):
-    exchange(server, ["/length", "/length", "/chunked", "/close", "/length", "/http10", "/length"])
+    paths = ["/length", "/length", "/chunked", "/close-length", "/length", "/http10", "/length", "/close", "/length"]
+    results, _ = exchange(server, paths)
+    assert [r.status for r in results] == [200] * len(paths)
     peers = Shapes.peers
-    # one connection for the first four (the fourth closes it), a new one for the next two, a third for the last
-    assert len(set(peers[:4])) == 1 and len(set(peers[4:6])) == 1 and len(set(peers)) == 3
+    # a new connection after each answer that closes it (Connection: close with or without a length, HTTP/1.0)
+    assert [len(set(peers[a:b])) for a, b in ((0, 4), (4, 6), (6, 8), (8, 9))] == [1, 1, 1, 1]
+    assert len(set(peers)) == 4
+
+
+def test_a_connection_the_server_dropped_while_idle_is_reopened_not_failed(server: str):
+    conn = Connection(server, connect_timeout=5)
+
+    async def run() -> list[bytes]:
+        first = await conn.request("POST", "/idle-close", {}, b"a")
+        await asyncio.sleep(0.3)  # the server closes the connection meanwhile
+        second = await conn.request("POST", "/length", {}, b"b")
+        conn.close()
+        return [first.body, second.body]
+
+    assert asyncio.run(run()) == [b"echo:a", b"echo:b"]
+    assert len(set(Shapes.peers)) == 2
+
+
+def test_no_body_is_read_for_a_304_and_two_lengths_are_refused(server: str):
+    results, _ = exchange(server, ["/not-modified", "/length", "/two-lengths", "/length"])
+    assert results[0].status == 304 and results[0].body == b""
+    assert results[1].body == b"echo:abc"  # nothing of the 304 was left to be read as this answer
+    assert isinstance(results[2], ProtocolError) and "Content-Length" in str(results[2])
+    assert results[3].body == b"echo:abc"
+
+
+def test_an_ipv6_address_keeps_its_brackets_in_the_host_header():
+    assert Connection("http://[::1]:8080", connect_timeout=1).host_header == "[::1]:8080"
+    assert Connection("https://example.org", connect_timeout=1).host_header == "example.org"
 
 
 def test_a_broken_answer_fails_that_request_only(server: str):
@@ -203,22 +252,27 @@ def test_interrupt_ends_the_run_at_once_and_keeps_whole_rows(server: str, tmp_pa
     assert 8 <= len(rows) < 200 and all(r["status"] == "ok" and r["label"] == "Lime" for r in rows)
 
 
-def test_a_bug_while_reading_answers_ends_the_run_at_once(server: str, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch):
-    # answers are parsed in a callback of the event loop, which on its own would only log the exception, drop
-    # the rows and go on scoring
-    def broken(self: RemoteScorer, path: str, body: bytes) -> None:
-        raise RuntimeError("bug in answer parsing")
+@pytest.mark.parametrize("method", ["_result", "_read_ahead"])
+def test_a_bug_ends_the_run_at_once(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str):
+    # _result runs in a callback of the event loop, which on its own would only log the exception, drop the rows
+    # and go on; _read_ahead runs in one lane, which on its own would end and leave the others going
+    original = getattr(RemoteScorer, method)
+    calls = []
 
-    monkeypatch.setattr(RemoteScorer, "_result", broken)
-    Shapes.delay = 0.01  # 200 files one at a time take at least 2 s
+    def broken(self: RemoteScorer, *args: object) -> object:
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError(f"bug in {method}")
+        return original(self, *args)
+
+    monkeypatch.setattr(RemoteScorer, method, broken)
+    Shapes.delay = 0.01  # 200 files two at a time take at least 1 s
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(200):
         (folder / f"{i:03d}.jpg").write_bytes(jpeg_bytes(seed=i))
     result = CliRunner().invoke(batch_main, ["score", str(folder), str(tmp_path / "out.csv"), "--quiet", "--url", server,
-                                             "--model", "predictions", "--concurrency", "1",
+                                             "--model", "predictions", "--concurrency", "2",
                                              "--key-file", str(tmp_path / "none.json")])
-    assert isinstance(result.exception, RuntimeError) and "bug in answer parsing" in str(result.exception)
-    assert read_csv(tmp_path / "out.csv") == []
-    assert len(Shapes.peers) < 100, "the run went on after the first answer it could not read"
+    assert isinstance(result.exception, RuntimeError) and f"bug in {method}" in str(result.exception)
+    assert len(Shapes.peers) < 100, "the run went on after the bug"
