@@ -58,7 +58,7 @@ class Connection:
                 self._reader, self._writer = await asyncio.wait_for(
                     asyncio.open_connection(self.host, self.port, ssl=self.ssl, limit=MAX_HEADER_BYTES),
                     self.connect_timeout)
-            self._writer.write(self._head(method, path, headers, len(body)) + body)
+            self._writer.write(encode_head(method, path, self.host_header, headers, len(body)) + body)
             await self._writer.drain()
             if while_waiting is not None:
                 await while_waiting()
@@ -75,15 +75,6 @@ class Connection:
             self._writer.close()
         self._reader = self._writer = None
 
-    def _head(self, method: str, path: str, headers: dict[str, str], length: int) -> bytes:
-        names = {k.lower() for k in headers}
-        lines = [f"{method} {path} HTTP/1.1"]
-        if "host" not in names:
-            lines.append(f"Host: {self.host_header}")
-        lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() != "content-length"]
-        lines.append(f"Content-Length: {length}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
     async def _read_response(self) -> tuple[Response, bool]:
         assert self._reader is not None
         while True:
@@ -91,11 +82,10 @@ class Connection:
                 head = await self._reader.readuntil(b"\r\n\r\n")
             except asyncio.LimitOverrunError:
                 raise ProtocolError(f"answer headers longer than {MAX_HEADER_BYTES} bytes") from None
-            version, status, headers = _parse_head(head)
+            version, status, headers = parse_head(head)
             if not 100 <= status < 200:  # an interim answer (100 Continue) is followed by the real one
                 break
-        keep_alive = headers.get("connection", "").lower() != "close" and (
-            version != "HTTP/1.0" or headers.get("connection", "").lower() == "keep-alive")
+        keep_alive = keeps_alive(version, headers)
         if status in (204, 304):  # never a body, whatever the headers say
             body = b""
         elif "chunked" in headers.get("transfer-encoding", "").lower():
@@ -128,7 +118,26 @@ class Connection:
                 raise ProtocolError("chunk not followed by CRLF")
 
 
-def _parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:
+def encode_head(method: str, path: str, host: str, headers: dict[str, str], length: int) -> bytes:
+    """The request line and headers of a request with a ``length``-byte body (``headers`` may set Host)."""
+    names = {k.lower() for k in headers}
+    lines = [f"{method} {path} HTTP/1.1"]
+    if "host" not in names:
+        lines.append(f"Host: {host}")
+    lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() != "content-length"]
+    lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def keeps_alive(version: str, headers: dict[str, str]) -> bool:
+    """Whether the connection stays open after this answer: HTTP/1.1 unless it says close, HTTP/1.0 if it
+    asks for keep-alive."""
+    connection = headers.get("connection", "").lower()
+    return connection != "close" and (version != "HTTP/1.0" or connection == "keep-alive")
+
+
+def parse_head(head: bytes) -> tuple[str, int, dict[str, str]]:
+    """Version, status and headers (lower-case names) of an answer's head."""
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code = rest[:3]
