@@ -247,7 +247,8 @@ class RemoteScorer:
         outbox.flush()
 
     def score(self, root: Path, paths: list[Path], stop: threading.Event) -> Iterator[Result]:
-        """Results in completion order; at most ``concurrency`` files are in flight (and in memory). The requests
+        """Results in completion order; at most ``concurrency`` requests are in flight, and each lane holds one
+        more file read ahead (so at most twice that many files are in memory). The requests
         run on one event loop in a helper thread; this thread only writes what comes back."""
         self.check_ready()
         finished: queue.SimpleQueue = queue.SimpleQueue()
