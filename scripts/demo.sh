@@ -28,7 +28,7 @@ echo "== 2. package model_store/fruit.mar"
 fruit-archive "runs/$RUN_NAME"
 
 echo "== 3. start torchserve (config.properties: loopback, token auth, batching)"
-JH=$(python -m fruitserve.model_store.server java-home)
+JH=$(python -m fruitserve.model_store.torchserve_process java-home)
 [ -z "$JH" ] || export JAVA_HOME="$JH"
 if curl -s -o /dev/null --max-time 2 http://127.0.0.1:8080/ping; then
     echo "something already listens on 127.0.0.1:8080; stop it first (make stop)" >&2
@@ -38,13 +38,16 @@ torchserve --stop >/dev/null 2>&1 || true
 trap 'echo "== 6. stop torchserve"; torchserve --stop >/dev/null || true' EXIT
 mkdir -p logs
 torchserve --start --ncs --ts-config config.properties > logs/torchserve.out 2>&1
-python -m fruitserve.model_store.server wait --url http://127.0.0.1:8080 --key-file key_file.json
+python -m fruitserve.model_store.torchserve_process wait --url http://127.0.0.1:8080 --key-file key_file.json
 
 echo "== 4. classify one image"
 TOKEN=$(python -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])')
-IMAGE=$(find "$TEST_DIR" -type f -name '*.jpg' | sort | head -n 1)
+# the first image in sorted order; `sort | head` would kill sort with SIGPIPE on a large folder under pipefail
+IMAGE=$(find "$TEST_DIR" -type f -name '*.jpg' | sort | sed -n 1p)
+[ -n "$IMAGE" ] || { echo "no .jpg under $TEST_DIR to classify" >&2; exit 1; }
 echo "curl -H \"Authorization: Bearer \$TOKEN\" http://127.0.0.1:8080/predictions/fruit -T \"$IMAGE\""
-curl -sS --max-time 30 -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/predictions/fruit -T "$IMAGE"
+curl -sS --fail-with-body --max-time 30 -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/predictions/fruit \
+    -T "$IMAGE"
 echo
 
 echo "== 5. score $TEST_DIR with fruit-batch"

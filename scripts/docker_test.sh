@@ -21,7 +21,6 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-ENGINE=${CONTAINER_ENGINE:-$(command -v podman >/dev/null 2>&1 && echo podman || echo docker)}
 IMAGE=${IMAGE:-localhost/fruitserve:test}
 NAME=${DOCKER_TEST_NAME:-fruitserve-test}
 SCRATCH=${SCRATCH:-/tmp/fruitserve-docker-test}
@@ -35,14 +34,31 @@ fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 
-# Set-up is this script's job too: on a Debian machine where we are root, install podman (and what the local
-# base image needs) from the distribution's packages; elsewhere say what is missing.
+# The engine: CONTAINER_ENGINE if set; else the first of podman and docker that answers `info` (a docker client
+# without a daemon does not: choosing it would fail later with a misleading message); else, on a Debian machine
+# where we are root, podman installed from the distribution's packages (it needs no daemon). Set-up is this
+# script's job too, so that also brings what the local base image needs.
 HOST_PACKAGES=(podman runc fuse-overlayfs uidmap slirp4netns debootstrap curl)
-if ! command -v "$ENGINE" >/dev/null && [ "$ENGINE" = podman ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+answers() { command -v "$1" >/dev/null 2>&1 && timeout 60 "$1" info >/dev/null 2>&1; }
+if [ -n "${CONTAINER_ENGINE:-}" ]; then
+    ENGINE=$CONTAINER_ENGINE
+elif answers podman; then
+    ENGINE=podman
+elif answers docker; then
+    ENGINE=docker
+else
+    ENGINE=podman
+    if command -v docker >/dev/null 2>&1; then
+        say "docker is installed but no daemon answers (docker info failed): using podman, which needs none"
+    fi
+fi
+if [ "$ENGINE" = podman ] && ! command -v podman >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing ${HOST_PACKAGES[*]} (apt-get)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${HOST_PACKAGES[@]}"
 fi
 command -v "$ENGINE" >/dev/null || fail "$ENGINE is not installed (apt-get install ${HOST_PACKAGES[*]})"
+answers "$ENGINE" || fail "$ENGINE does not answer '$ENGINE info' (for docker: is the daemon running?)"
+say "container engine: $ENGINE"
 command -v curl >/dev/null || fail "curl is not installed"
 mkdir -p "$SCRATCH"
 
