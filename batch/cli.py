@@ -2,29 +2,65 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from tqdm import tqdm
+from fruitserve.handler.errors import ModelDirError
+from fruitserve.train.utils import progress
 
 from .errors import BatchError, ServerUnavailable, UsageError
-from .files import find_images, folder_labels
 from .remote import PROTOCOLS
-from .results import COLUMNS, ResultWriter
+from .results import COLUMNS, OutputInUse, OutputLock, ResultWriter
+from .sources import Source, folder_labels, open_source
 
 EXIT_CODES = """\b
 Exit codes:
   0  every file scored
   1  some files could not be scored (their rows say why)
-  2  usage error (bad arguments, unusable model, no such model on the server, rejected token)
+  2  usage error (bad arguments, unusable model, no such model on the server, rejected token, OUT in use)
   3  server unreachable or not ready (rerun with --resume)
   130 interrupted (rerun with --resume)
 """
+ENGINES = ("server", "local")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """Everything one ``fruit-batch score`` run is asked to do: the command line, as one object."""
+
+    source: str
+    out: Path
+    engine: str = "server"
+    local: bool = False
+    model: str | None = None
+    urls: tuple[str, ...] = ("http://127.0.0.1:8080",)
+    protocol: str = "torchserve"
+    host_header: str | None = None
+    token: str | None = None
+    key_file: Path = Path("key_file.json")
+    concurrency: int = 16
+    timeout: float = 60.0
+    retries: int = 5
+    top_k: int | None = None
+    labels_from_folders: bool | None = None
+    resume: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+    quiet: bool = False
+
+    @property
+    def mode(self) -> str:
+        """The engine that runs: ``--local`` is short for ``--engine local``."""
+        if self.local and self.engine not in ("server", "local"):
+            raise UsageError(f"--local and --engine {self.engine} contradict each other: choose one")
+        return "local" if self.local else self.engine
 
 
 @click.group()
@@ -33,9 +69,11 @@ def main() -> None:
 
 
 @main.command(epilog=EXIT_CODES)
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("source", metavar="DIRECTORY")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--local", is_flag=True, help="score in this process instead of calling a server")
+@click.option("--engine", type=click.Choice(ENGINES), default="server", show_default=True,
+              help="server: call TorchServe/KServe at --url; local: score in this process")
+@click.option("--local", is_flag=True, help="short for --engine local")
 @click.option("--model", default=None,
               help="server mode: model name [fruit]; --local: a .mar, run folder or model.pt [model_store/fruit.mar]")
 @click.option("--url", "urls", multiple=True, default=("http://127.0.0.1:8080",), show_default=True,
@@ -60,86 +98,94 @@ def main() -> None:
               help="true label = first folder under DIRECTORY [default: when every folder names a known class]")
 @click.option("--resume", is_flag=True, help="keep the rows already in OUT and score only what is missing")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="--local: auto = bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="--local batch size")
-@click.option("--workers", type=click.IntRange(0, 64), default=None, help="--local decoding processes [0 on CPU, 4 on CUDA]")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-def score(directory: Path, out: Path, local: bool, model: str | None, urls: tuple[str, ...], protocol: str,
-          host_header: str | None, token: str | None, key_file: Path, concurrency: int, timeout: float, retries: int,
-          top_k: int | None,
-          labels_from_folders: bool | None, resume: bool, device: str, batch_size: int, workers: int | None,
-          quiet: bool) -> None:
+@click.option("--workers", type=click.IntRange(0, 64), default=None,
+              help="--local decoding processes [0 on CPU, 4 on CUDA]")
+@click.option("--quiet", is_flag=True, help="no progress")
+def score(**options: object) -> None:
     """Score every image under DIRECTORY into OUT (CSV), one row per file.
 
     \b
     Columns: path (relative to DIRECTORY), status (ok/error), label, confidence,
-    top_k (JSON), true_label, error, error_code, model_version.
+    top_k (JSON), true_label, error, error_code, model_version, precision.
     """
     try:
-        code = run_score(directory, out, local=local, model=model, urls=list(urls), protocol=protocol,
-                         host_header=host_header, token=token, key_file=key_file,
-                         concurrency=concurrency, timeout=timeout, retries=retries, top_k=top_k,
-                         labels_from_folders=labels_from_folders, resume=resume, device=device,
-                         batch_size=batch_size, workers=workers, quiet=quiet)
+        code = run_score(ScoreOptions(**options))
     except BatchError as exc:
         click.echo(f"fruit-batch: error: {exc}", err=True)
         code = exc.exit_code
     sys.exit(code)
 
 
-def _scorer(local: bool, model: str | None, urls: list[str], token: str | None, key_file: Path, concurrency: int,
-            timeout: float, retries: int, top_k: int | None, device: str, batch_size: int, workers: int | None,
-            protocol: str = "torchserve", host_header: str | None = None):
-    if local:
-        import torch
-        from fruitserve.train.utils import select_device
-
-        from .local import LocalScorer
-
-        try:
-            dev = select_device(device)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        # On CPU the forward pass already uses every core: decoding in the same process measured 15 % faster
-        # than one DataLoader worker on 2 cores (BENCHMARKS.md). On CUDA, workers keep the GPU fed.
-        n_workers = workers if workers is not None else (min(4, os.cpu_count() or 1) if dev.type == "cuda" else 0)
-        return LocalScorer(Path(model or "model_store/fruit.mar"), dev, batch_size, n_workers, top_k,
-                           threads=torch.get_num_threads())
-    from fruitserve.model_store.server import read_tokens
+def make_scorer(options: ScoreOptions):
+    """The engine that scores files: this process (``local``) or servers over HTTP (``server``)."""
+    if options.mode == "local":
+        return _local_scorer(options)
+    from fruitserve.model_store.torchserve_process import read_tokens
 
     from .remote import RemoteScorer
 
-    if token is None and key_file.is_file():
+    token = options.token
+    if token is None and options.key_file.is_file():
         try:
-            token = read_tokens(key_file).get("inference")
+            token = read_tokens(options.key_file).get("inference")
         except (OSError, ValueError, KeyError) as exc:
-            raise UsageError(f"cannot read a token from {key_file}: {exc}") from None
-    return RemoteScorer(urls, model or "fruit", token, concurrency, timeout, retries=retries, top_k=top_k,
-                        protocol=protocol, host_header=host_header)
+            raise UsageError(f"cannot read a token from {options.key_file}: {exc}") from None
+    return RemoteScorer(list(options.urls), options.model or "fruit", token, options.concurrency, options.timeout,
+                        retries=options.retries, top_k=options.top_k, protocol=options.protocol,
+                        host_header=options.host_header)
 
 
-def run_score(directory: Path, out: Path, *, local: bool, model: str | None, urls: list[str], token: str | None,
-              key_file: Path, concurrency: int, timeout: float, retries: int, top_k: int | None,
-              labels_from_folders: bool | None, resume: bool, device: str, batch_size: int, workers: int | None,
-              quiet: bool, protocol: str = "torchserve", host_header: str | None = None) -> int:
-    paths, ignored = find_images(directory)
-    order = [p.as_posix() for p in paths]
-    if local and protocol != "torchserve":
+def _local_scorer(options: ScoreOptions):
+    import os
+
+    from fruitserve.handler.classifier import load_classifier, select_device
+
+    from .local import LocalScorer
+
+    if options.protocol != "torchserve":
         raise UsageError("--protocol chooses how to call a server; it cannot be combined with --local")
-    scorer = _scorer(local, model, urls, token, key_file, concurrency, timeout, retries, top_k, device, batch_size,
-                     workers, protocol, host_header)
     try:
-        writer = ResultWriter(out, order, resume)
+        device = select_device(options.device)
+        classifier = load_classifier(options.model or "model_store/fruit.mar", device=device,
+                                     precision=options.precision, max_batch=options.batch_size)
+    except (ValueError, ModelDirError) as exc:
+        raise UsageError(f"{options.model or 'model_store/fruit.mar'}: {exc}") from None
+    # On CPU the forward pass already uses every core: decoding in the same process measured faster than one
+    # DataLoader worker on 2 cores (BENCHMARKS.md, Batch scoring). On CUDA, workers keep the GPU fed.
+    workers = options.workers if options.workers is not None else (
+        min(4, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    return LocalScorer(classifier, options.batch_size, workers, options.top_k)
+
+
+def run_score(options: ScoreOptions) -> int:
+    """Score, holding OUT's lock for the whole run: a second run on the same file stops before it does any work."""
+    source = open_source(options.source)
+    try:
+        with OutputLock(options.out):
+            return _score_locked(options, source)
+    except OutputInUse as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _score_locked(options: ScoreOptions, source: Source) -> int:
+    paths, ignored = source.list()
+    scorer = make_scorer(options)  # before the writer: a model that cannot be loaded leaves OUT as it was
+    try:
+        writer = ResultWriter(options.out, paths, options.resume)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    todo = [p for p in paths if p.as_posix() not in writer.done]
+    todo = [p for p in paths if p not in writer.rows]
     stop = threading.Event()
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     start = time.perf_counter()
     interrupted = unavailable = None
-    bar = tqdm(total=len(todo), unit="img", desc="scoring", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    bar = progress(total=len(todo), desc="scoring", unit="img", disable=options.quiet)
     scored = 0
     try:
-        for result in scorer.score(directory, todo, stop):
+        for result in scorer.score(source, todo, stop):
             writer.add(result)
             scored += 1
             bar.update(1)
@@ -150,17 +196,25 @@ def run_score(directory: Path, out: Path, *, local: bool, model: str | None, url
         unavailable = exc
     finally:
         bar.close()
-        truth = _truth(writer.rows, paths, labels_from_folders, getattr(scorer, "labels", None))
+        labels = getattr(scorer, "labels", None)
+        truth = _truth(writer.rows, paths, options.labels_from_folders, labels)
         writer.finish()
         signal.signal(signal.SIGTERM, previous_sigterm)
-    elapsed = time.perf_counter() - start
-    rows = writer.rows
-    _summarise(rows, order, truth, getattr(scorer, "labels", None), out, elapsed, scored, ignored)
+    rows, elapsed = writer.rows, time.perf_counter() - start
+    line = (f"{len(rows)}/{len(paths)} files in {options.out}: {_counts(rows)}; {scored} scored this run in "
+            f"{elapsed:.1f} s ({scored / max(elapsed, 1e-9):.1f} img/s)")
+    if ignored:
+        line += f"; {ignored} non-image files passed over"
+    accuracy = _accuracy(rows, truth, labels) if truth else None
+    if accuracy:
+        line += f"; accuracy {accuracy[0]:.4f}, macro-F1 {accuracy[1]:.4f} on {accuracy[2]} labelled images"
+    click.echo(line, err=True)
     if interrupted:
-        click.echo(f"fruit-batch: interrupted; {len(rows)}/{len(order)} rows in {out}. Rerun with --resume.", err=True)
+        click.echo(f"fruit-batch: interrupted; {len(rows)}/{len(paths)} rows in {options.out}. Rerun with --resume.",
+                   err=True)
         return 130
     if unavailable is not None:
-        click.echo(f"fruit-batch: {unavailable}. {len(rows)}/{len(order)} rows in {out}; rerun with --resume.",
+        click.echo(f"fruit-batch: {unavailable}. {len(rows)}/{len(paths)} rows in {options.out}; rerun with --resume.",
                    err=True)
         return ServerUnavailable.exit_code
     return 1 if any(r["status"] != "ok" for r in rows.values()) else 0
@@ -171,27 +225,18 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _summarise(rows: dict[str, dict[str, str]], order: list[str], truth: dict[str, str], classes: list[str] | None,
-               out: Path, elapsed: float, scored: int, ignored: int) -> None:
+def _counts(rows: dict[str, dict[str, str]]) -> str:
     ok = sum(r["status"] == "ok" for r in rows.values())
-    failed = len(rows) - ok
-    line = (f"{len(rows)}/{len(order)} files in {out}: {ok} ok, {failed} errors; {scored} scored this run in "
-            f"{elapsed:.1f} s ({scored / max(elapsed, 1e-9):.1f} img/s)")
-    if ignored:
-        line += f"; {ignored} non-image files passed over"
-    accuracy = _accuracy(rows, truth, classes) if truth else None
-    if accuracy:
-        line += f"; accuracy {accuracy[0]:.4f}, macro-F1 {accuracy[1]:.4f} on {accuracy[2]} labelled images"
-    click.echo(line, err=True)
+    return f"{ok} ok, {len(rows) - ok} errors"
 
 
-def _truth(rows: dict[str, dict[str, str]], paths: list[Path], labels_from_folders: bool | None,
+def _truth(rows: dict[str, dict[str, str]], paths: list[str], labels_from_folders: bool | None,
            classes: list[str] | None) -> dict[str, str]:
     """True labels from folder names, written into ``rows``; auto-detected unless the flag says otherwise."""
     if labels_from_folders is False:
         return {}
     if labels_from_folders:
-        classes = sorted({p.parts[0] for p in paths if len(p.parts) > 1})
+        classes = sorted({p.partition("/")[0] for p in paths if "/" in p})
     elif classes is None:  # server mode: every folder must be named like a label the server answered with
         classes = sorted({r["label"] for r in rows.values() if r["label"]})
     labels = folder_labels(paths, classes)
@@ -200,10 +245,10 @@ def _truth(rows: dict[str, dict[str, str]], paths: list[Path], labels_from_folde
             raise UsageError("--labels-from-folders: every file must sit under a folder named after a class")
         return {}
     for rel, name in labels.items():
-        row = rows.get(rel.as_posix())
+        row = rows.get(rel)
         if row is not None:
             row["true_label"] = name
-    return {k.as_posix(): v for k, v in labels.items()}
+    return labels
 
 
 def _accuracy(rows, truth: dict[str, str], classes: list[str] | None) -> tuple[float, float, int] | None:
@@ -220,4 +265,4 @@ def _accuracy(rows, truth: dict[str, str], classes: list[str] | None) -> tuple[f
     return metrics["top1"], metrics["macro_f1"], len(scored)
 
 
-__all__ = ["main", "COLUMNS"]
+__all__ = ["main", "COLUMNS", "ScoreOptions", "run_score"]

@@ -118,6 +118,20 @@ class Connection:
                 raise ProtocolError("chunk not followed by CRLF")
 
 
+def request_once(url: str, method: str, path: str, headers: dict[str, str], body: bytes = b"", *,
+                 timeout: float = 10.0, connect_timeout: float = 5.0) -> Response:
+    """One request on a connection of its own, from synchronous code (a readiness check)."""
+    async def send() -> Response:
+        conn = Connection(url, connect_timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return await conn.request(method, path, headers, body)
+        finally:
+            conn.close()
+
+    return asyncio.run(send())
+
+
 def encode_head(method: str, path: str, host: str, headers: dict[str, str], length: int) -> bytes:
     """The request line and headers of a request with a ``length``-byte body (``headers`` may set Host)."""
     names = {k.lower() for k in headers}

@@ -18,14 +18,12 @@ import random
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-import requests
-
 from .errors import ServerUnavailable, UsageError
-from .http1 import Connection, ProtocolError, Response
+from .http1 import Connection, ProtocolError, Response, request_once
 from .results import Result
+from .sources import Source
 
 # Worth another try: overloaded (503), and a worker that died mid-batch (507 "Worker died.", or 500 when the kill
 # lands while the answer is being sent: both seen in RELIABILITY.md's kill runs). Any other 4xx/5xx is final,
@@ -100,10 +98,10 @@ class RemoteScorer:
         try:
             answer = json.loads(body)
             if self.protocol == "kserve-v1":
-                answer = _single(answer["predictions"])
+                answer = _only_element(answer["predictions"])
             elif self.protocol == "kserve-v2":
-                answer = _single(_single(answer["outputs"])["data"])
-            if isinstance(answer, str):  # v2 BYTES, and TorchServe's own envelopes, carry the JSON as a string
+                answer = _only_element(_only_element(answer["outputs"])["data"])
+            if isinstance(answer, str):  # v2 BYTES carry the answer's JSON as a string
                 answer = json.loads(answer)
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise BadAnswer(f"unexpected {self.protocol} answer ({exc}): {body[:200]!r}") from None
@@ -129,43 +127,45 @@ class RemoteScorer:
         for url in self.urls:
             for path in self._ready_paths():
                 try:
-                    response = requests.get(f"{url}{path}", headers=self.headers, timeout=(self.connect_timeout, 10))
-                except requests.RequestException as exc:
+                    response = request_once(url, "GET", f"{urlsplit(url).path}{path}", self.headers, timeout=10,
+                                            connect_timeout=self.connect_timeout)
+                except NETWORK_ERRORS as exc:
                     raise ServerUnavailable(f"cannot reach {url}: {type(exc).__name__}; is the server running?") from None
-                if response.status_code != 404 or path == "/ping":
+                if response.status != 404 or path == "/ping":
                     break
-            if response.status_code in (400, 401, 403) and "token" in response.text.lower():
+            text = response.body.decode("utf-8", "replace")
+            if response.status in (400, 401, 403) and "token" in text.lower():
                 raise UsageError(f"{url} rejected the token: pass --token, set FRUIT_TOKEN, or point --key-file at "
                                  "the server's key_file.json")
-            if response.status_code == 404 and self.protocol != "torchserve":
+            if response.status == 404 and self.protocol != "torchserve":
                 # KServe answers its model path with 404 for a model it does not serve, and has no /ping
                 # (TorchServe has /ping but no KServe readiness paths: it passes, and the first answer tells)
                 raise self._no_model(url)
-            if response.status_code != 200:
-                raise ServerUnavailable(f"{url}{path} answered {response.status_code}: {response.text.strip()[:200]}")
+            if response.status != 200:
+                raise ServerUnavailable(f"{url}{path} answered {response.status}: {text.strip()[:200]}")
 
     def _no_model(self, url: str) -> UsageError:
         hint = " and --host-header" if self.host_header else ""
         return UsageError(f"{url} does not serve a model named {self.model!r} (HTTP 404 on {self._ready_paths()[0]} "
                           f"/ {self.path}): check --model{hint}")
 
-    def _job(self, todo: Iterator[tuple[int, Path]], root: Path, stop: threading.Event) -> _Job | Result | None:
+    def _job(self, todo: Iterator[tuple[int, str]], source: Source, stop: threading.Event) -> _Job | Result | None:
         """The next file, read and encoded; its error row if it cannot be read; None when none is left."""
         item = None if stop.is_set() else next(todo, None)
         if item is None:
             return None
         index, rel = item
         try:
-            return _Job(index, rel.as_posix(), self.encode((root / rel).read_bytes()))
+            return _Job(index, rel, self.encode(source.read(rel)))
         except OSError as exc:
-            return Result.failed(rel.as_posix(), f"cannot read file: {exc.strerror or exc}")
+            return Result.failed(rel, f"cannot read file: {exc.strerror or exc}")
 
-    async def _read_ahead(self, upcoming: list[_Job | Result | None], todo: Iterator[tuple[int, Path]], root: Path,
+    async def _read_ahead(self, upcoming: list[_Job | Result | None], todo: Iterator[tuple[int, str]], source: Source,
                           stop: threading.Event) -> None:
         """Read the lane's next file into ``upcoming`` (once, on the first try to send this one)."""
         if not upcoming:
             await asyncio.sleep(0)  # the other lanes whose answers just came send their requests first
-            upcoming.append(self._job(todo, root, stop))
+            upcoming.append(self._job(todo, source, stop))
 
     async def _send(self, connections: dict[str, Connection], job: _Job, stop: threading.Event,
                     while_waiting: Callable[[], Awaitable[None]]) -> Response | Result:
@@ -195,23 +195,23 @@ class RemoteScorer:
                 break  # the run is stopping: leave this file for --resume
         raise ServerUnavailable(f"gave up on {job.path} after {self.retries + 1} attempts ({last})")
 
-    async def _lane(self, todo: Iterator[tuple[int, Path]], root: Path, stop: threading.Event,
+    async def _lane(self, todo: Iterator[tuple[int, str]], source: Source, stop: threading.Event,
                     outbox: _Outbox) -> None:
         """One file at a time, on this lane's own keep-alive connections, until the files or the run end. The
         next file is read while the server works on this one, so that an answer is followed by the next request
         at once: the server's next batch waits for the last of its requests."""
         connections: dict[str, Connection] = {}
         try:
-            job = self._job(todo, root, stop)
+            job = self._job(todo, source, stop)
             while job is not None:
                 if isinstance(job, Result):
                     outbox.put(job)
-                    job = self._job(todo, root, stop)
+                    job = self._job(todo, source, stop)
                     continue
                 upcoming: list[_Job | Result | None] = []
                 try:
                     outcome = await self._send(connections, job, stop,
-                                               functools.partial(self._read_ahead, upcoming, todo, root, stop))
+                                               functools.partial(self._read_ahead, upcoming, todo, source, stop))
                 except (ServerUnavailable, UsageError) as exc:
                     # stop starting new files, but keep what the other lanes' requests in flight bring back
                     stop.set()
@@ -220,16 +220,16 @@ class RemoteScorer:
                 outbox.put(outcome if isinstance(outcome, Result) else (job.path, outcome.body))
                 if stop.is_set():  # a file read ahead is not started once the run stops: --resume scores it
                     return
-                job = upcoming[0] if upcoming else self._job(todo, root, stop)
+                job = upcoming[0] if upcoming else self._job(todo, source, stop)
         finally:
             for conn in connections.values():
                 conn.close()
 
-    async def _lanes(self, root: Path, paths: list[Path], stop: threading.Event, closing: threading.Event,
+    async def _lanes(self, source: Source, paths: list[str], stop: threading.Event, closing: threading.Event,
                      finished: queue.SimpleQueue) -> None:
         todo = iter(enumerate(paths))
         outbox = _Outbox(finished, self._result)
-        lanes = [asyncio.create_task(self._lane(todo, root, stop, outbox)) for _ in range(self.concurrency)]
+        lanes = [asyncio.create_task(self._lane(todo, source, stop, outbox)) for _ in range(self.concurrency)]
 
         def failed(lane: asyncio.Task) -> None:  # a bug in a lane ends the run now, not when the others finish
             if not lane.cancelled() and lane.exception() is not None:
@@ -246,7 +246,7 @@ class RemoteScorer:
         await asyncio.sleep(0)  # the lanes' done callbacks run
         outbox.flush()
 
-    def score(self, root: Path, paths: list[Path], stop: threading.Event) -> Iterator[Result]:
+    def score(self, source: Source, paths: list[str], stop: threading.Event) -> Iterator[Result]:
         """Results in completion order; at most ``concurrency`` requests are in flight, and each lane holds one
         more file read ahead (so at most twice that many files are in memory). The requests
         run on one event loop in a helper thread; this thread only writes what comes back."""
@@ -256,7 +256,7 @@ class RemoteScorer:
 
         def run() -> None:
             try:
-                asyncio.run(self._lanes(root, paths, stop, closing, finished))
+                asyncio.run(self._lanes(source, paths, stop, closing, finished))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
                 finished.put([exc])
             finally:
@@ -365,7 +365,7 @@ async def _pause(seconds: float, stop: threading.Event) -> bool:
     return True
 
 
-def _single(items: object) -> object:
+def _only_element(items: object) -> object:
     if not isinstance(items, list) or len(items) != 1:
         raise ValueError(f"expected one element, got {items!r:.80}")
     return items[0]

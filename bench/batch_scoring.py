@@ -1,6 +1,6 @@
 """Batch-scoring benchmark on the full Fruits-360 Test split, all in one run:
 
-    .venv/bin/python bench/batch_scoring.py --run runs/<run>
+    .venv/bin/python -m bench.batch_scoring --run runs/<run> [--precision bf16]
 
 1. the in-process ceiling (decode + preprocess + forward, same batch size, no CSV, no workers);
 2. ``fruit-batch score --local``, compared with (1);
@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 import torch
+from fruitserve.handler.classifier import resolve_precision
+from fruitserve.model_store.archive import build_archive
+from fruitserve.model_store.torchserve_process import TorchServe
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fruitserve.model_store.archive import build_archive  # noqa: E402
-from fruitserve.model_store.server import TorchServe  # noqa: E402
-from loadgen import run_load  # noqa: E402
-from serving import in_process_ceiling, save_results  # noqa: E402
+from bench.loadgen import run_load
+from bench.report import DEFAULT_IMAGES, save_results
+from bench.serving import SHIPPED, in_process_ceiling, model_config
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -63,27 +63,32 @@ def csv_accuracy(path: Path) -> tuple[int, float]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--images", type=Path, default=ROOT.parent / "shared/data/fruits-360/Test")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--precision", default="auto", help="for --local, the server's handler and the ceiling")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--skip-server", action="store_true", help="only the ceiling and local mode")
     args = parser.parse_args()
     files = sorted(args.images.rglob("*.jpg"))
-    results: dict = {"images": len(files), "threads": torch.get_num_threads()}
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    results: dict = {"images": len(files), "threads": torch.get_num_threads(), "precision": precision}
 
     payloads = [p.read_bytes() for p in files]
     # measured before and after --local, and averaged (one window on this shared VM swings by ±10 %)
-    ceilings = [in_process_ceiling(args.run, payloads, args.batch_size, torch.get_num_threads())]
+    ceilings = [in_process_ceiling(args.run, payloads, args.batch_size, torch.get_num_threads(), precision)]
     print("ceiling (before)", round(ceilings[0], 1), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         tmp_path = Path(tmp)
         store = tmp_path / "store"
-        build_archive(args.run, store)
+        config = tmp_path / "model-config.yaml"
+        config.write_text(model_config(SHIPPED["minWorkers"], SHIPPED["batchSize"], SHIPPED["maxBatchDelay"],
+                                       torch.get_num_threads(), precision))
+        build_archive(args.run, store, config_file=config)
         wall, err, peak = timed([str(BIN / "fruit-batch"), "score", str(args.images), str(tmp_path / "local.csv"),
-                                 "--local", "--model", str(store / "fruit.mar"), "--batch-size",
+                                 "--local", "--model", str(store / "fruit.mar"), "--precision", precision, "--batch-size",
                                  str(args.batch_size), "--quiet"])
-        ceilings.append(in_process_ceiling(args.run, payloads, args.batch_size, torch.get_num_threads()))
+        ceilings.append(in_process_ceiling(args.run, payloads, args.batch_size, torch.get_num_threads(), precision))
         print("ceiling (after)", round(ceilings[1], 1), flush=True)
         results["ceiling_runs_img_per_s"] = [round(c, 1) for c in ceilings]
         results["ceiling_img_per_s"] = round(sum(ceilings) / len(ceilings), 1)
@@ -123,8 +128,8 @@ def main() -> int:
         print("server", json.dumps(results["server"]), flush=True)
 
         evaluate = subprocess.run([str(BIN / "fruit-train"), "evaluate", str(args.run), str(args.images), "--out",
-                                   str(tmp_path / "eval"), "--no-progress"], capture_output=True, text=True,
-                                  timeout=3600, check=True)
+                                   str(tmp_path / "eval"), "--precision", precision, "--no-progress"],
+                                  capture_output=True, text=True, timeout=3600, check=True)
         metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
         results["evaluate"] = {"top1": metrics["top1"], "macro_f1": metrics["macro_f1"],
                                "summary": evaluate.stdout.strip().splitlines()[-1]}

@@ -4,7 +4,7 @@ Used by tests/test_reliability.py (alone, mixed into concurrent batches, through
 and by bench/reliability.py. Images that are odd but valid (16-bit, CMYK, 1x1, animated, ...)
 must be answered 200 with a label; inputs that are not usable images get their own 4xx JSON.
 
-``python tests/corpus.py`` prints the table that RELIABILITY.md shows.
+``python -m bench.corpus`` prints the table that RELIABILITY.md shows.
 """
 
 from __future__ import annotations

@@ -103,6 +103,96 @@ class _Connection:
         return status
 
 
+class _Load:
+    """One load run: ``total`` requests over a fixed set of connections, driven by one selector."""
+
+    def __init__(self, address: tuple[str, int], requests: list[bytes], total: int, timeout: float) -> None:
+        self.address, self.requests, self.total, self.timeout = address, requests, total, timeout
+        self.selector = selectors.DefaultSelector()
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+        self.by_status: dict[int, list[float]] = {}
+        self.sent = self.done = 0
+
+    def record(self, status: int, started: float) -> None:
+        elapsed = (time.perf_counter() - started) * 1000
+        self.latencies.append(elapsed)
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.by_status.setdefault(status, []).append(elapsed)
+        self.done += 1
+
+    def send_next(self, conn: _Connection) -> None:
+        """Start the next request on ``conn`` (reopened if needed); a request that cannot be sent fails."""
+        while self.sent < self.total:
+            conn.started = time.perf_counter()
+            request = self.requests[self.sent % len(self.requests)]
+            self.sent += 1
+            try:
+                if conn.sock is None:
+                    conn.open(self.selector)
+                conn.buffer.clear()
+                try:  # most requests fit the socket buffer: no wait for writability
+                    conn.out = memoryview(request)[conn.sock.send(request):]
+                except BlockingIOError:
+                    conn.out = memoryview(request)
+                conn.watch(self.selector, selectors.EVENT_WRITE if conn.out else selectors.EVENT_READ)
+                return
+            except OSError:
+                conn.close(self.selector)
+                self.record(FAILED, conn.started)
+        conn.close(self.selector)
+
+    def fail(self, conn: _Connection) -> None:
+        conn.close(self.selector)
+        self.record(FAILED, conn.started)
+        self.send_next(conn)
+
+    def on_event(self, conn: _Connection, events: int) -> None:
+        """Write more of the request, or read the answer and send the next request once it is whole."""
+        try:
+            if events & selectors.EVENT_WRITE:
+                conn.out = conn.out[conn.sock.send(conn.out):]
+                if not conn.out:
+                    conn.watch(self.selector, selectors.EVENT_READ)
+                return
+            chunk = conn.sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("server closed the connection")
+            conn.buffer += chunk
+            status = conn.response()
+        except BlockingIOError:
+            return
+        except (OSError, ValueError, IndexError):
+            self.fail(conn)
+            return
+        if status is not None:
+            self.record(status, conn.started)
+            if conn.close_after:
+                conn.close(self.selector)
+            self.send_next(conn)
+
+    def expire(self, now: float) -> None:
+        """Fail the requests that have waited longer than the timeout."""
+        for key in list(self.selector.get_map().values()):
+            if now - key.data.started > self.timeout:
+                self.fail(key.data)
+
+    def run(self, concurrency: int) -> float:
+        """Wall seconds until every request has an outcome."""
+        wall0 = last_check = time.perf_counter()
+        for conn in [_Connection(self.address) for _ in range(min(concurrency, self.total))]:
+            self.send_next(conn)
+        while self.done < self.total:
+            for key, events in self.selector.select(timeout=0.1):
+                self.on_event(key.data, events)
+            now = time.perf_counter()
+            if now - last_check > 0.1:
+                last_check = now
+                self.expire(now)
+        self.selector.close()
+        return time.perf_counter() - wall0
+
+
 def run_load(url: str, path: str, payloads: list[bytes], concurrency: int, total: int, headers: dict[str, str],
              timeout: float = 60.0) -> LoadResult:
     """Send ``total`` POSTs (cycling through ``payloads``) over ``concurrency`` keep-alive connections.
@@ -111,85 +201,9 @@ def run_load(url: str, path: str, payloads: list[bytes], concurrency: int, total
     a connection error; its connection is reopened for the next request.
     """
     parts = urlsplit(url)
-    address = (parts.hostname or "127.0.0.1", parts.port or 80)
-    requests = encode_requests(parts.netloc, path, payloads, headers)
-    selector = selectors.DefaultSelector()
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    by_status: dict[int, list[float]] = {}
-    sent = 0
-    done = 0
-
-    def record(status: int, started: float) -> None:
-        nonlocal done
-        elapsed = (time.perf_counter() - started) * 1000
-        latencies.append(elapsed)
-        statuses[status] = statuses.get(status, 0) + 1
-        by_status.setdefault(status, []).append(elapsed)
-        done += 1
-
-    def send_next(conn: _Connection) -> None:
-        """Start the next request on ``conn`` (reopened if needed); a request that cannot be sent fails."""
-        nonlocal sent
-        while sent < total:
-            conn.started = time.perf_counter()
-            request = requests[sent % len(requests)]
-            sent += 1
-            try:
-                if conn.sock is None:
-                    conn.open(selector)
-                conn.buffer.clear()
-                try:  # most requests fit the socket buffer: no wait for writability
-                    conn.out = memoryview(request)[conn.sock.send(request):]
-                except BlockingIOError:
-                    conn.out = memoryview(request)
-                conn.watch(selector, selectors.EVENT_WRITE if conn.out else selectors.EVENT_READ)
-                return
-            except OSError:
-                conn.close(selector)
-                record(FAILED, conn.started)
-        conn.close(selector)
-
-    def fail(conn: _Connection) -> None:
-        conn.close(selector)
-        record(FAILED, conn.started)
-        send_next(conn)
-
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    last_check = wall0
-    for conn in [_Connection(address) for _ in range(min(concurrency, total))]:
-        send_next(conn)
-    while done < total:
-        for key, events in selector.select(timeout=0.1):
-            conn: _Connection = key.data
-            try:
-                if events & selectors.EVENT_WRITE:
-                    conn.out = conn.out[conn.sock.send(conn.out):]
-                    if not conn.out:
-                        conn.watch(selector, selectors.EVENT_READ)
-                    continue
-                chunk = conn.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionResetError("server closed the connection")
-                conn.buffer += chunk
-                status = conn.response()
-            except BlockingIOError:
-                continue
-            except (OSError, ValueError, IndexError):
-                fail(conn)
-                continue
-            if status is not None:
-                record(status, conn.started)
-                if conn.close_after:
-                    conn.close(selector)
-                send_next(conn)
-        now = time.perf_counter()
-        if now - last_check > 0.1:
-            last_check = now
-            for key in list(selector.get_map().values()):
-                if now - key.data.started > timeout:
-                    fail(key.data)
-    selector.close()
-    wall = time.perf_counter() - wall0
-    cpu = time.process_time() - cpu0
-    return LoadResult(concurrency, total, wall, statuses, latencies, cpu, by_status)
+    load = _Load((parts.hostname or "127.0.0.1", parts.port or 80), encode_requests(parts.netloc, path, payloads,
+                                                                                     headers), total, timeout)
+    cpu0 = time.process_time()
+    wall = load.run(concurrency)
+    return LoadResult(concurrency, total, wall, load.statuses, load.latencies, time.process_time() - cpu0,
+                      load.by_status)

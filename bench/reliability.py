@@ -1,7 +1,7 @@
 """Reliability figures for RELIABILITY.md: the bad-input corpus, load and overload, killed workers,
 server restarts during ``fruit-batch``, and memory, against real torchserve processes on loopback.
 
-    .venv/bin/python bench/reliability.py --run runs/<run> [--images ../shared/data/fruits-360/Test]
+    .venv/bin/python -m bench.reliability --run runs/<run> [--images ../shared/data/fruits-360/Test]
 
 Every loop is bounded (a request count or a deadline). Results: bench/results/reliability.json.
 """
@@ -25,18 +25,14 @@ from pathlib import Path
 
 import psutil
 import requests
+from fruitserve.batch.sources import LocalFolder
+from fruitserve.model_store.archive import build_archive
+from fruitserve.model_store.torchserve_process import TorchServe
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
-from corpus import cases, good_jpeg  # noqa: E402
-from fruitserve.batch.files import find_images  # noqa: E402
-from fruitserve.model_store.archive import build_archive  # noqa: E402
-from fruitserve.model_store.server import TorchServe  # noqa: E402
-from loadgen import run_load  # noqa: E402
-from serving import save_results  # noqa: E402
+from bench.corpus import cases, good_jpeg
+from bench.loadgen import run_load
+from bench.report import ROOT, save_results
 
-ROOT = HERE.parent
 TIMEOUT = 60
 PATH = "/predictions/fruit"
 FRUIT_BATCH = [sys.executable, "-c", "from fruitserve.batch.cli import main; main()"]
@@ -60,7 +56,7 @@ def check_rows(out: Path, folder: Path) -> dict:
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     paths = [r["path"] for r in rows]
-    expected = [p.as_posix() for p in find_images(folder)[0]]
+    expected = LocalFolder(folder).list()[0]
     return {"rows": len(rows), "files": len(expected), "duplicates": len(paths) - len(set(paths)),
             "missing": len(set(expected) - set(paths)), "errors": sum(r["status"] != "ok" for r in rows)}
 

@@ -1,6 +1,6 @@
 """How the served model holds up away from Fruits-360's white studio background: a stand-in for shop photos.
 
-    .venv/bin/python bench/robustness.py --run runs/<run> [--split validation|test]
+    .venv/bin/python -m bench.robustness --run runs/<run> [--split validation|test]
 
 The real shop photos are held out, so this measures what can be measured here. Images get shifts applied
 at their own 100 px resolution, *before* the shared preprocessing, as a camera would give them. By default
@@ -32,23 +32,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fruitserve.handler.classifier import load_classifier
+from fruitserve.handler.preprocessing import decode_image, resize_and_crop, to_uint8_tensor
+from fruitserve.train import data as datasets
+from fruitserve.train.reports import classification_metrics
 from PIL import Image, ImageFilter
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from fruitserve.handler.artifacts import load_for_inference, load_labels, load_metadata  # noqa: E402
-from fruitserve.handler.preprocessing import (  # noqa: E402
-    PreprocessConfig,
-    decode_image,
-    normalize,
-    resize_and_crop,
-    to_uint8_tensor,
-)
-from fruitserve.train import data as datasets  # noqa: E402
-from fruitserve.train.reports import classification_metrics  # noqa: E402
-from serving import save_results  # noqa: E402
+from bench.report import ROOT, save_results
 
-ROOT = HERE.parent
 Shift = Callable[[Image.Image, random.Random], Image.Image]
 
 
@@ -141,12 +132,9 @@ def pick_images(data: Path, split: str, labels: list[str], metadata: dict, per_c
                 rng: random.Random) -> list[tuple[Path, int]]:
     """Up to ``per_class`` images of every class from the run's validation split or from Test."""
     if split == "validation":
-        training = metadata["training"]
-        index = datasets.index_image_folder(data / "Training", labels)
-        _, val_idx = datasets.stratified_split(index.targets, float(training["val_fraction"]), int(training["seed"]))
         by_class: dict[int, list[Path]] = {}
-        for i in val_idx:
-            by_class.setdefault(index.targets[i], []).append(index.paths[i])
+        for path, target in datasets.validation_of_run(metadata, labels):
+            by_class.setdefault(target, []).append(path)
     else:
         by_class = {t: list((data / "Test" / name).glob("*.jpg")) for t, name in enumerate(labels)}
     samples = []
@@ -163,28 +151,23 @@ def main() -> int:
     parser.add_argument("--split", choices=("validation", "test"), default="validation")
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", help="the precision the classifier runs in, as served")
     args = parser.parse_args()
 
-    labels = load_labels(args.run / "index_to_name.json")
-    metadata = load_metadata(args.run / "metadata.json")
-    config = PreprocessConfig.from_metadata(metadata)
-    model = load_for_inference(args.run / "model.pt", torch.device("cpu"))
+    classifier = load_classifier(args.run, device="cpu", precision=args.precision)
+    labels, metadata, config = classifier.labels, classifier.metadata, classifier.config
     samples = pick_images(args.data, args.split, labels, metadata, args.per_class, random.Random(args.seed))
     targets = torch.tensor([t for _, t in samples])
     originals = [decode_image(p.read_bytes(), config.max_pixels) for p, _ in samples]
 
     results: dict = {"images": len(samples), "split": args.split, "classes": len(labels), "run": str(args.run),
-                     "conditions": {}}
+                     "precision": classifier.precision, "conditions": {}}
     clean_top1 = None
     for name, shift in CONDITIONS.items():
         shift_rng = random.Random(args.seed + 1)
         images = originals if shift is None else [shift(im, shift_rng) for im in originals]
-        logits = []
-        with torch.inference_mode():
-            for i in range(0, len(images), 64):
-                batch = torch.stack([to_uint8_tensor(resize_and_crop(im, config.input_size)) for im in images[i:i + 64]])
-                logits.append(model(normalize(batch, config.mean, config.std)))
-        metrics = classification_metrics(torch.cat(logits), targets, labels)
+        batch = torch.stack([to_uint8_tensor(resize_and_crop(im, config.input_size)) for im in images])
+        metrics = classification_metrics(classifier.logits(batch), targets, labels)
         clean_top1 = metrics["top1"] if clean_top1 is None else clean_top1
         results["conditions"][name] = {"top1": round(metrics["top1"], 4), "macro_f1": round(metrics["macro_f1"], 4),
                                        "top1_drop": round(clean_top1 - metrics["top1"], 4)}

@@ -1,8 +1,8 @@
 """Benchmark: train on Fruits-360 Training (every 4th image), report on the official Test split.
 
-    .venv/bin/python bench/train_fruits360.py [--data ../shared/data/fruits-360] [-- extra fruit-train args]
+    .venv/bin/python -m bench.train_fruits360 [--data ../shared/data/fruits-360] [-- extra fruit-train args]
 
-Prints a Markdown table row for BENCHMARKS.md. Wall time includes decoding, every
+Writes bench/results/training.json and prints a Markdown table row for BENCHMARKS.md. Wall time includes decoding, every
 epoch's validation, the export and the Test evaluation.
 """
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.report import ROOT, save_results
 
 
 def main() -> int:
@@ -50,8 +50,7 @@ def main() -> int:
         "train_img_per_s": sum(img_s) / len(img_s), "eval_img_per_s": test["eval_img_per_s"],
         "peak_rss_mib": peak_mib,
     }
-    (run / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_results("training", result)
     print("| arch | size | epochs (best) | Test top-1 | Test macro-F1 | top-5 | train min | wall min | train img/s "
           "| eval img/s | peak RSS |")
     print(f"| {result['arch']} | {result['input_size']} | {result['epochs_run']} ({result['best_epoch']}) "

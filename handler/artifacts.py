@@ -1,30 +1,67 @@
-"""Reading a model directory: TorchScript, labels and metadata. Shipped inside ``fruit.mar``."""
+"""The files of a trained model: where they are (run folder, ``model.pt``, ``.mar``) and how to read them.
+
+A run folder and ``fruit.mar`` hold the same files: the TorchScript model, its labels and its metadata (and, for
+runs that have it, the out-of-distribution statistics). ``require_files`` is the one check that they are there.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import warnings
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from fruitserve.handler.errors import ModelDirError
 
 MODEL_FILE = "model.pt"
 LABELS_FILE = "index_to_name.json"
 METADATA_FILE = "metadata.json"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, METADATA_FILE)
+# Fitted after training (class means and covariance of the penultimate features); absent in older runs.
+FEATURE_STATS_FILE = "feature_stats.pt"
+MODEL_FILES = (*REQUIRED_FILES, FEATURE_STATS_FILE)
 
 # torch 2.14 deprecates torch.jit; TorchScript is still the format TorchServe loads
 # without our code, so this one expected warning is filtered where we call it.
 TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
 
 
-class ModelDirError(Exception):
-    """A run directory or model store entry that lacks what serving needs."""
+def require_files(model_dir: str | os.PathLike, what: str = "a model") -> Path:
+    """``model_dir`` as a Path, or a ModelDirError naming every required file it lacks."""
+    model_dir = Path(model_dir)
+    missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise ModelDirError(f"{model_dir} is not {what}: missing {', '.join(missing)} "
+                            f"(a training run holds {', '.join(REQUIRED_FILES)})")
+    return model_dir
 
 
-def missing_files(model_dir: str | os.PathLike) -> list[str]:
-    return [name for name in REQUIRED_FILES if not (Path(model_dir) / name).is_file()]
+@contextlib.contextmanager
+def model_dir(source: str | os.PathLike) -> Iterator[Path]:
+    """The folder holding a model's files: a run folder, the folder of a ``model.pt``, or a ``.mar`` unpacked
+    into a temporary folder that lives as long as the ``with`` block."""
+    source = Path(source)
+    if source.suffix == ".mar":
+        if not source.is_file():
+            raise ModelDirError(f"no model archive at {source}")
+        with tempfile.TemporaryDirectory(prefix="fruit-mar-") as scratch:
+            try:
+                with zipfile.ZipFile(source) as archive:
+                    archive.extractall(scratch, members=[n for n in archive.namelist() if n in MODEL_FILES])
+            except zipfile.BadZipFile:
+                raise ModelDirError(f"{source} is not a model archive (not a zip file)") from None
+            yield require_files(scratch, f"a complete archive ({source})")
+        return
+    if source.is_file():
+        source = source.parent
+    elif not source.exists():
+        raise ModelDirError(f"no model at {source}: give a run folder, its model.pt or a .mar")
+    yield require_files(source, "a complete training run")
 
 
 def load_torchscript(path: str | os.PathLike, device: torch.device) -> torch.jit.ScriptModule:
@@ -32,33 +69,6 @@ def load_torchscript(path: str | os.PathLike, device: torch.device) -> torch.jit
         warnings.filterwarnings("ignore", message=TORCHSCRIPT_DEPRECATION, category=FutureWarning)
         model = torch.jit.load(str(path), map_location=device)
     return model.eval()
-
-
-def load_for_inference(path: str | os.PathLike, device: torch.device) -> torch.jit.ScriptModule:
-    """The exported TorchScript, frozen and optimised the way it is served.
-
-    ``optimize_for_inference`` folds batch norm into the convolutions and, on CPU, keeps
-    activations in oneDNN's layout: measured 10-35 % faster per image on 2 cores at
-    batch 1 (BENCHMARKS.md). Serving, ``fruit-batch --local``, ``fruit-train evaluate`` and
-    the benchmarks' in-process ceiling all load through here, so they score the same graph.
-    """
-    model = load_torchscript(path, device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=TORCHSCRIPT_DEPRECATION, category=FutureWarning)
-        return torch.jit.optimize_for_inference(model)
-
-
-def check_outputs(model: torch.jit.ScriptModule, num_labels: int, input_size: int, device: torch.device) -> None:
-    """Run one blank image through the model: its class count must match the labels, or every answer would be wrong.
-
-    Also the warm-up, so the first real request does not pay for TorchScript's first-run optimisation.
-    """
-    with torch.inference_mode():
-        for batch in (1, 8):
-            outputs = model(torch.zeros(batch, 3, input_size, input_size, device=device))
-    if outputs.ndim != 2 or outputs.shape[1] != num_labels:
-        raise ModelDirError(f"the model gives {tuple(outputs.shape[1:])} outputs per image, but {LABELS_FILE} "
-                            f"names {num_labels} classes: model.pt and {LABELS_FILE} come from different runs")
 
 
 def load_labels(path: str | os.PathLike) -> list[str]:

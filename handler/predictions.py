@@ -1,43 +1,12 @@
-"""Softmax scores to the JSON every client sees; shared by the handler and ``fruit-batch --local``."""
+"""Class probabilities to the JSON answer every client sees (TorchServe, KServe, fruit-batch's CSV)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-try:
-    from .preprocessing import InputError
-except ImportError:  # inside fruit.mar
-    from preprocessing import InputError
-
 DEFAULT_TOP_K = 5
-
-
-@dataclass
-class Decoded:
-    """One request after preprocessing: a uint8 tensor to score, or the error to answer with."""
-
-    tensor: torch.Tensor | None
-    top_k: int
-    error: InputError | None = None
-
-
-@dataclass
-class Parsed:
-    """One TorchServe request after parsing: its images, and the protocol its answer must speak.
-
-    ``protocol`` is None for a plain TorchServe request (one image, one JSON object back).
-    ``error`` is set when the request itself is malformed (not an image: e.g. a KServe body
-    without a list of instances); its images are then never scored.
-    """
-
-    items: list[Decoded]
-    protocol: str | None = None
-    request_id: str | None = None
-    outputs: list[tuple[str, int]] = field(default_factory=list)  # KServe v2: (input name, images in it)
-    error: InputError | None = None
 
 
 def clamp_top_k(requested: int | None, num_classes: int, default: int = DEFAULT_TOP_K) -> int:
@@ -46,14 +15,8 @@ def clamp_top_k(requested: int | None, num_classes: int, default: int = DEFAULT_
     return max(1, min(k, num_classes))
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    # float32 softmax so that AMP logits give the same probabilities as CPU ones
-    return torch.softmax(logits.float(), dim=1)
-
-
-def format_predictions(
-    probs: torch.Tensor, labels: Sequence[str], ks: Sequence[int], model_version: str | None
-) -> list[dict]:
+def format_predictions(probs: torch.Tensor, labels: Sequence[str], ks: Sequence[int], model_version: str | None,
+                       precision: str = "fp32") -> list[dict]:
     """One JSON-ready dict per row of ``probs`` (N x classes), with its own ``k``."""
     if len(ks) != probs.shape[0]:
         raise ValueError(f"{len(ks)} k values for {probs.shape[0]} rows")
@@ -63,13 +26,12 @@ def format_predictions(
     results = []
     for row_p, row_i, k in zip(top_p, top_i, ks, strict=True):
         top = [{"label": labels[i], "index": i, "probability": p} for p, i in zip(row_p[:k], row_i[:k], strict=True)]
-        results.append(
-            {
-                "label": top[0]["label"],
-                "index": top[0]["index"],
-                "confidence": top[0]["probability"],
-                "top_k": top,
-                "model_version": model_version,
-            }
-        )
+        results.append({
+            "label": top[0]["label"],
+            "index": top[0]["index"],
+            "confidence": top[0]["probability"],
+            "top_k": top,
+            "model_version": model_version,
+            "precision": precision,
+        })
     return results

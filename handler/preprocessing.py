@@ -1,6 +1,6 @@
 """The one source of truth for turning image bytes into model input.
 
-Training evaluation, the TorchServe handler and ``fruit-batch --local`` all import
+Training, evaluation, the TorchServe handler and ``fruit-batch`` (``--local`` and Ray) all import
 this module, so a picture gives the same tensor everywhere. It needs only Pillow,
 NumPy and torch (no torchserve), because it is also shipped inside ``fruit.mar``.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from fruitserve.handler.errors import CorruptImage, EmptyInput, ImageTooLarge, UnsupportedImage
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,34 +26,6 @@ DEFAULT_MAX_PIXELS = 50_000_000
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".ico",
 )
-
-
-class InputError(Exception):
-    """A request or file that is not a usable image. Carries the HTTP status it maps to."""
-
-    status = 400
-    code = "bad_request"
-
-    def to_dict(self) -> dict:
-        return {"error": str(self), "code": self.status, "type": self.code}
-
-
-class EmptyInput(InputError):
-    code = "empty_input"
-
-
-class UnsupportedImage(InputError):
-    status = 415
-    code = "unsupported_media_type"
-
-
-class CorruptImage(InputError):
-    code = "corrupt_image"
-
-
-class ImageTooLarge(InputError):
-    status = 413
-    code = "image_too_large"
 
 
 @dataclass(frozen=True)

@@ -15,20 +15,14 @@ import json
 import math
 from dataclasses import dataclass, field
 
-try:  # inside the installed package
-    from .preprocessing import InputError
-except ImportError:  # inside fruit.mar
-    from preprocessing import InputError
+import torch
+from fruitserve.handler.errors import InputError, RequestError, TooManyImages
 
 PAYLOAD_KEYS = ("data", "body", "file", "image", "b64", "bytes")
 TOP_K_KEYS = ("top_k", "topk", "k")
 
 KSERVE_V1 = "kserve-v1"
 KSERVE_V2 = "kserve-v2"
-# TorchServe's own service_envelope already unwrapped the request: each row is one instance (v1) or one input (v2).
-TS_ENVELOPE_V1 = "ts-envelope-v1"
-TS_ENVELOPE_V2 = "ts-envelope-v2"
-ENVELOPES = (TS_ENVELOPE_V1, TS_ENVELOPE_V2)
 
 DEFAULT_MAX_IMAGES = 32
 # No request needs more than a few levels ({"instances": [{"data": ...}]}); a limit far above that keeps every
@@ -36,18 +30,6 @@ DEFAULT_MAX_IMAGES = 32
 MAX_JSON_DEPTH = 32
 # extract_payload unwraps {"data": {"b64": [...]}}-style wrappers and JSON sent as text; real clients use one or two.
 MAX_PAYLOAD_NESTING = 8
-
-
-class TooManyImages(InputError):
-    status = 413
-    code = "too_many_images"
-
-
-class InternalError(InputError):
-    """Not the client's fault: an unexpected exception while reading one request, answered for that request only."""
-
-    status = 500
-    code = "internal_error"
 
 
 @dataclass
@@ -58,6 +40,31 @@ class Plan:
     images: list[tuple[object, int | None]]  # (raw image value, top_k asked for it) in answer order
     request_id: str | None = None  # KServe v2: the request's "id", echoed
     outputs: list[tuple[str, int]] = field(default_factory=list)  # KServe v2: (input name, images in it)
+
+
+@dataclass
+class Decoded:
+    """One image of a request after preprocessing: a uint8 tensor to score, or the error to answer with."""
+
+    tensor: torch.Tensor | None
+    top_k: int
+    error: RequestError | None = None
+
+
+@dataclass
+class Parsed:
+    """One TorchServe request after parsing: its images, and the protocol its answer must speak.
+
+    ``protocol`` is None for a plain TorchServe request (one image, one JSON object back).
+    ``error`` is set when the request itself cannot be answered (not an image: e.g. a KServe body
+    without a list of instances); its images are then never scored.
+    """
+
+    items: list[Decoded]
+    protocol: str | None = None
+    request_id: str | None = None
+    outputs: list[tuple[str, int]] = field(default_factory=list)  # KServe v2: (input name, images in it)
+    error: RequestError | None = None
 
 
 # --- JSON -----------------------------------------------------------------------------------------------
@@ -156,14 +163,6 @@ def _plain_instances(row: object) -> object:
     return row
 
 
-def parse_envelope_row(row: object, envelope: str) -> Plan:
-    """A row that TorchServe's own envelope unwrapped: one image, whose answer the envelope wraps."""
-    check_depth(row)
-    if envelope == TS_ENVELOPE_V2:  # the kservev2 envelope keeps only the first string of each input's data
-        return Plan(envelope, [(row.get("data") if isinstance(row, dict) else row, None)])
-    return Plan(envelope, [(row, None)])
-
-
 def _parse_v1(body: dict, header_k: int | None, max_images: int) -> Plan:
     instances = body["instances"]
     if not instances:
@@ -252,7 +251,7 @@ def extract_payload(value: object, depth: int = 0) -> tuple[bytes, int | None]:
             raise InputError("no image in the request: send the image bytes as the body, a multipart file, "
                              'or JSON {"data": "<base64>"}')
         if isinstance(inner, dict) or (isinstance(inner, list) and inner):
-            payload, inner_k = extract_payload(inner if isinstance(inner, dict) else _single(inner), depth + 1)
+            payload, inner_k = extract_payload(inner if isinstance(inner, dict) else _one_image(inner), depth + 1)
             return payload, inner_k if inner_k is not None else top_k
         value = inner
     if isinstance(value, (bytes, bytearray, str)):
@@ -264,11 +263,11 @@ def extract_payload(value: object, depth: int = 0) -> tuple[bytes, int | None]:
             return b64decode(value), top_k
         return bytes(value), top_k
     if isinstance(value, list):
-        return extract_payload(_single(value), depth + 1)
+        return extract_payload(_one_image(value), depth + 1)
     raise InputError(f"unsupported request payload of type {type(value).__name__}")
 
 
-def _single(items: list) -> object:
+def _one_image(items: list) -> object:
     if len(items) != 1:
         raise InputError(f"send one image per request (got a list of {len(items)}); TorchServe batches requests itself")
     return items[0]
@@ -319,30 +318,26 @@ def _short(value: object) -> str:
 # --- the answer -----------------------------------------------------------------------------------------
 
 
-def format_answer(protocol: str | None, answers: list[dict], *, model_name: str, model_version: str | None,
-                  outputs: list[tuple[str, int]] | None = None, request_id: str | None = None,
-                  fallback_id: str | None = None, error: InputError | None = None) -> dict | str:
-    """The body of one answer: ``answers`` holds one prediction or error object per image of the request.
+def format_answer(request: Parsed, answers: list[dict], *, model_name: str, model_version: str | None,
+                  fallback_id: str | None = None) -> dict:
+    """The body of ``request``'s answer: ``answers`` holds one prediction or error object per image of it.
 
-    ``error``: the request as a whole was refused; its body is that error, whatever the protocol.
-    ``outputs`` and ``request_id`` are a v2 request's (see ``Plan``); ``fallback_id`` is used when it sent no id.
+    A request refused as a whole (``request.error``) answers with that error, whatever its protocol;
+    ``fallback_id`` is a v2 answer's ``id`` when the request sent none.
     """
-    if error is not None or protocol is None:
-        body = error.to_dict() if error is not None else answers[0]
-        return json.dumps(body) if protocol == TS_ENVELOPE_V2 else body
-    if protocol == TS_ENVELOPE_V1:
-        return answers[0]  # TorchServe wraps the rows' answers in {"predictions": [...]}
-    if protocol == TS_ENVELOPE_V2:
-        return json.dumps(answers[0])  # BYTES data are strings; TorchServe wraps it in an output
-    if protocol == KSERVE_V1:
+    if request.error is not None:
+        return request.error.to_dict()
+    if request.protocol is None:
+        return answers[0]
+    if request.protocol == KSERVE_V1:
         return {"predictions": answers}
     v2_outputs, start = [], 0
-    for name, count in outputs or []:
+    for name, count in request.outputs:
         data = [json.dumps(a) for a in answers[start:start + count]]
         v2_outputs.append({"name": name, "shape": [count], "datatype": "BYTES", "data": data})
         start += count
     answer: dict = {"model_name": model_name, "model_version": model_version, "outputs": v2_outputs}
-    request_id = request_id if request_id is not None else fallback_id
+    request_id = request.request_id if request.request_id is not None else fallback_id
     if request_id is not None:  # v2's "id" is an optional string: absent, never null
         answer = {"id": request_id} | answer
     return answer

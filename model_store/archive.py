@@ -3,8 +3,9 @@
     fruit-archive runs/<run>                                  # -> model_store/fruit.mar (+ fruit-<version>.mar)
     fruit-archive runs/<run> --register http://127.0.0.1:8081 # also serve it as the new default version
 
-The archive holds the TorchScript model, the handler and the preprocessing it shares
-with training, labels, metadata and ``model-config.yaml`` (batching and workers).
+The archive holds the TorchScript model, labels, metadata, ``model-config.yaml`` (batching and workers) and the
+whole ``fruitserve.handler`` package (the handler, and the loading and preprocessing it shares with training and
+``fruit-batch``), laid out as a package so that the handler imports it the same way inside and outside the archive.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from pathlib import Path
 
 import fruitserve.handler as handler_pkg
 import requests
-from fruitserve.handler.artifacts import LABELS_FILE, METADATA_FILE, MODEL_FILE, ModelDirError, load_metadata
+from fruitserve.handler.artifacts import FEATURE_STATS_FILE, LABELS_FILE, METADATA_FILE, MODEL_FILE, load_metadata, require_files
+from fruitserve.handler.errors import ModelDirError
 
-from .server import read_tokens
+from .torchserve_process import read_tokens
 
 HANDLER_DIR = Path(handler_pkg.__file__).resolve().parent
-HANDLER_FILE = HANDLER_DIR / "fruit_handler.py"
-SHARED_MODULES = ("preprocessing.py", "predictions.py", "artifacts.py", "kserve.py")
+HANDLER_FILE = HANDLER_DIR / "fruit_handler.py"  # TorchServe's entry point, at the archive's root
+HANDLER_PACKAGE = "fruitserve/handler"  # where the archive holds the package the handler imports
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "model-config.yaml"
 DEFAULT_STORE = Path("model_store")
 HTTP_TIMEOUT = 300  # registration loads the model and starts a worker synchronously
@@ -38,16 +40,20 @@ class RegistrationError(Exception):
 def build_archive(run_dir: Path, export_path: Path, model_name: str = "fruit", version: str | None = None,
                   config_file: Path = DEFAULT_CONFIG) -> tuple[Path, Path, str]:
     """Write ``<name>-<version>.mar`` and refresh ``<name>.mar``, both atomically. Returns both paths and the version."""
-    missing = [name for name in (MODEL_FILE, LABELS_FILE, METADATA_FILE) if not (run_dir / name).is_file()]
-    if missing:
-        raise ModelDirError(f"{run_dir} is not a complete training run: missing {', '.join(missing)}")
+    require_files(run_dir, "a complete training run")
     version = version or str(load_metadata(run_dir / METADATA_FILE).get("model_version") or "")
     if not version:
         raise ModelDirError(f"{run_dir / METADATA_FILE} has no model_version; pass --version")
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=export_path, prefix=".build-") as tmp:
-        extra = [str(run_dir / LABELS_FILE), str(run_dir / METADATA_FILE)] + [str(HANDLER_DIR / m) for m in SHARED_MODULES]
-        cmd = [_archiver(), "--model-name", model_name, "--version", version,
+        # torch-model-archiver copies what a folder in --extra-files holds to the archive's root: a folder holding
+        # fruitserve/handler/ puts the package there, next to the entry point
+        package_root = Path(tmp) / "package"
+        shutil.copytree(HANDLER_DIR, package_root / HANDLER_PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
+        extra = [str(run_dir / LABELS_FILE), str(run_dir / METADATA_FILE), str(package_root)]
+        if (run_dir / FEATURE_STATS_FILE).is_file():
+            extra.append(str(run_dir / FEATURE_STATS_FILE))
+        cmd = [*archiver_command(), "--model-name", model_name, "--version", version,
                "--serialized-file", str(run_dir / MODEL_FILE), "--handler", str(HANDLER_FILE),
                "--extra-files", ",".join(extra), "--config-file", str(config_file),
                "--export-path", tmp, "--force"]
@@ -68,8 +74,9 @@ def build_archive(run_dir: Path, export_path: Path, model_name: str = "fruit", v
     return latest, versioned, version
 
 
-def _archiver() -> str:
-    return shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or "torch-model-archiver"
+def archiver_command() -> list[str]:
+    """torch-model-archiver from this Python's environment (a venv's bin/ need not be on PATH)."""
+    return [shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or "torch-model-archiver"]
 
 
 def register(management_url: str, archive: Path, model_name: str, version: str, token: str | None,

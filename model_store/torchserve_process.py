@@ -1,6 +1,6 @@
-"""Start, wait for and stop a real TorchServe; read its tokens. Used by ``make serve``, tests and benchmarks.
+"""Start, wait for and stop a real TorchServe process; read its tokens. Used by ``make serve``, tests and benchmarks.
 
-    python -m fruitserve.model_store.server wait --url http://127.0.0.1:8080 --key-file key_file.json
+    python -m fruitserve.model_store.torchserve_process wait --url http://127.0.0.1:8080 --key-file key_file.json
 """
 
 from __future__ import annotations
@@ -104,7 +104,6 @@ class TorchServe:
     models: str = "fruit.mar"
     token_auth: bool = True
     model_api: bool = False
-    envelope: str | None = None
     extra_config: dict[str, str] = field(default_factory=dict)
     inference_port: int = field(default_factory=free_port)
     management_port: int = field(default_factory=free_port)
@@ -139,15 +138,14 @@ class TorchServe:
             "grpc_inference_port": str(free_port()),
             "grpc_management_port": str(free_port()),
         }
-        if self.envelope:
-            settings["service_envelope"] = self.envelope
         settings |= self.extra_config
         if "vmargs" in settings:
             settings["vmargs"] = _absolute_log_config(settings["vmargs"], base.parent)
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         return self.config_path
 
-    def start(self, timeout: float = 120) -> TorchServe:
+    def start(self, timeout: float = 120, wait: bool = True) -> TorchServe:
+        """Start torchserve and, unless ``wait`` is False, wait until every model has a READY worker."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "tmp").mkdir(exist_ok=True)
         self.write_config()
@@ -159,6 +157,8 @@ class TorchServe:
             [torchserve, "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path)],
             cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        if not wait:
+            return self
         try:
             wait_until_healthy(self.inference_url, timeout, self.process,
                                self.workdir / "key_file.json" if self.token_auth else None)
@@ -278,7 +278,7 @@ def _read_properties(path: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fruitserve.model_store.server")
+    parser = argparse.ArgumentParser(prog="python -m fruitserve.model_store.torchserve_process")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("wait", help="wait for /ping to say Healthy, then print how to call the model")
     w.add_argument("--url", default="http://127.0.0.1:8080")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import random
 import ssl
 import subprocess
@@ -20,6 +21,35 @@ from fruitserve.model_store.archive import build_archive
 from fruitserve.train.synthetic import draw_image, make_demo_data
 from fruitserve.train.train import main as train_main
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHES = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", "fruitserve.egg-info"}
+
+
+def work_tree() -> set[str]:
+    """Every path in the work tree but caches; inside a run folder that already existed, only the folder (a
+    training may be writing there while the tests run)."""
+    found = set()
+    runs = ROOT / "runs"
+    existing_runs = {p.name for p in runs.iterdir()} if runs.is_dir() else set()
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if d not in CACHES]
+        if here.parent == runs and here.name in existing_runs:
+            dirnames[:] = []
+            continue
+        found.update(str((here / n).relative_to(ROOT)) for n in (*dirnames, *filenames))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def work_tree_stays_clean() -> Iterator[None]:
+    """A test run leaves nothing behind in the work tree (a run once created an empty runs/<timestamp>/)."""
+    before = work_tree()
+    yield
+    left = sorted(work_tree() - before)
+    assert not left, f"the tests left these in the work tree: {left[:20]}"
+
 
 TINY_TRAIN_ARGS = ["--input-size", "48", "--epochs", "6", "--batch-size", "32", "--lr", "3e-3", "--seed", "0",
                    "--no-progress", "--patience", "6"]
@@ -69,10 +99,16 @@ def image_bytes(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
     return buffer.getvalue()
 
 
+# A child started from a background job of a non-interactive shell (CI scripts, `(make test &)`) inherits SIGINT
+# "ignored", and Python then installs no KeyboardInterrupt handler. fruit-batch respects that, as programs should
+# (its launcher asked it not to react to the terminal's Ctrl-C); the tests start it as a terminal would.
+AS_FROM_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+
+
 def start_fruit_batch(*args: str) -> subprocess.Popen:
-    """``fruit-batch score ARGS`` in its own process, so that it can be killed or see its server stop."""
-    return subprocess.Popen([sys.executable, "-c", "from fruitserve.batch.cli import main; main()", "score", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """``fruit-batch score ARGS`` in its own process, so that it can be interrupted, killed or see its server stop."""
+    return subprocess.Popen([sys.executable, "-c", AS_FROM_A_TERMINAL + "from fruitserve.batch.cli import main; main()",
+                             "score", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_rows(out: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:

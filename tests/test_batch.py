@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import image_bytes, jpeg_bytes, read_csv, start_fruit_batch, wait_for_rows
 from fruitserve.batch.cli import main as batch_main
-from fruitserve.batch.files import find_images
 from fruitserve.batch.results import COLUMNS, read_rows
-from fruitserve.model_store.server import TorchServe
+from fruitserve.batch.sources import LocalFolder
+from fruitserve.model_store.torchserve_process import TorchServe
 from fruitserve.train.train import main as train_main
 from PIL import Image
 
@@ -42,9 +42,12 @@ BAD_FILES = {"Banana/corrupt.jpg": "400", "Banana/empty.jpg": "400", "Kiwi/text.
              "Kiwi/truncated.jpg": "400"}
 
 
+def find_images(root: Path) -> tuple[list[str], int]:
+    return LocalFolder(root).list()
+
+
 def test_find_images_order_hidden_content_and_symlink_loops(messy_folder: Path, tmp_path: Path):
-    paths, ignored = find_images(messy_folder)
-    names = [p.as_posix() for p in paths]
+    names, ignored = find_images(messy_folder)
     assert names == sorted(names) and len(names) == len(set(names))
     assert "Kiwi/png_named.txt" in names and "Lime/more/deeper/lime.jpg" in names
     assert "Orange/notes.md" not in names and not any(".hidden" in n for n in names)
@@ -54,7 +57,7 @@ def test_find_images_order_hidden_content_and_symlink_loops(messy_folder: Path, 
     (loop / "a" / "x.jpg").write_bytes(jpeg_bytes())
     (loop / "a" / "back").symlink_to(loop, target_is_directory=True)
     found, _ = find_images(loop)
-    assert [p.as_posix() for p in found] == ["a/x.jpg"]
+    assert found == ["a/x.jpg"]
 
 
 def test_local_scoring_gives_every_file_one_row(messy_folder: Path, model_store: Path, tmp_path: Path):
@@ -64,7 +67,7 @@ def test_local_scoring_gives_every_file_one_row(messy_folder: Path, model_store:
     assert result.exit_code == 1, result.output
     rows = read_csv(out)
     expected, _ = find_images(messy_folder)
-    assert [r["path"] for r in rows] == [p.as_posix() for p in expected]
+    assert [r["path"] for r in rows] == expected
     assert list(rows[0]) == list(COLUMNS)
     by_path = {r["path"]: r for r in rows}
     for path, code in BAD_FILES.items():
@@ -204,7 +207,7 @@ def test_killed_client_then_resume_scores_each_file_once(server: TorchServe, tmp
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     rows = read_csv(out)
-    assert [r["path"] for r in rows] == [p.as_posix() for p in find_images(images)[0]]
+    assert [r["path"] for r in rows] == find_images(images)[0]
     assert all(r["status"] == "ok" for r in rows)
 
 
@@ -230,5 +233,47 @@ def test_server_stopped_mid_run_exits_3_then_resume_completes(model_store: Path,
                                                  *server_args(second)])
     assert result.exit_code == 0, result.output
     rows = read_csv(out)
-    assert [r["path"] for r in rows] == [p.as_posix() for p in find_images(images)[0]]
+    assert [r["path"] for r in rows] == find_images(images)[0]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_a_second_run_on_the_same_csv_is_refused_naming_the_first(model_store: Path, tmp_path: Path):
+    images = _many_images(tmp_path / "many", 300)
+    out = tmp_path / "out.csv"
+    first = start_fruit_batch(str(images), str(out), "--quiet", "--local", "--model", str(model_store / "fruit.mar"),
+                              "--batch-size", "4")
+    try:
+        wait_for_rows(out, 8, first)
+        first.send_signal(signal.SIGSTOP)  # frozen mid-run, holding the lock: the second run starts meanwhile
+        second = CliRunner().invoke(batch_main, ["score", str(images), str(out), "--quiet", "--local", "--model",
+                                                 str(model_store / "fruit.mar")])
+        assert second.exit_code == 2, second.output
+        assert f"pid {first.pid}" in second.stderr and "being written by" in second.stderr
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err
+    assert [r["path"] for r in read_csv(out)] == find_images(images)[0]  # whole: the refused run wrote nothing
+    assert not (tmp_path / ".out.csv.lock").exists()
+    again = CliRunner().invoke(batch_main, ["score", str(images), str(out), "--quiet", "--resume", "--local",
+                                            "--model", str(model_store / "fruit.mar")])
+    assert again.exit_code == 0, again.output  # the lock went with the first run
+
+
+def test_ctrl_c_during_local_scoring_keeps_whole_rows(model_store: Path, tmp_path: Path):
+    """Ctrl-C lands while a batch is in the forward pass: the run ends with 130 and every row in OUT is whole."""
+    images = _many_images(tmp_path / "many", 600)
+    out = tmp_path / "out.csv"
+    process = start_fruit_batch(str(images), str(out), "--quiet", "--local", "--model",
+                                str(model_store / "fruit.mar"), "--batch-size", "2")
+    try:
+        wait_for_rows(out, 8, process)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Rerun with --resume" in err and "Traceback" not in err
+    rows = read_csv(out)
+    assert 8 <= len(rows) < 600 and all(r["status"] == "ok" and r["label"] for r in rows)

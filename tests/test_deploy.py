@@ -45,7 +45,7 @@ from deploy_helpers import (
     stage_args,
     substitute,
 )
-from fruitserve.model_store.server import LOG_CONFIG_ARG
+from fruitserve.model_store.torchserve_process import LOG_CONFIG_ARG
 
 # Keys of config.properties that say where to listen and what to load; every other key is a limit or a
 # security setting that the container and KServe configs must repeat unchanged.
@@ -306,7 +306,7 @@ def test_healthcheck_renews_an_expired_inference_key(healthcheck: ModuleType, st
 
 
 def test_healthcheck_fails_without_a_server(healthcheck: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from fruitserve.model_store.server import free_port
+    from fruitserve.model_store.torchserve_process import free_port
 
     monkeypatch.setattr(healthcheck, "INFERENCE_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(healthcheck, "KEY_FILE", tmp_path / "missing.json")

@@ -51,6 +51,10 @@ class Shapes(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n")
             return
         self.send_response(200)
+        self.answer_200(shape, body)
+
+    def answer_200(self, shape: str, body: bytes) -> None:
+        """The rest of a 200 answer, framed the way ``shape`` says."""
         if shape == "chunked":
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()

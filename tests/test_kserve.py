@@ -1,8 +1,8 @@
 """KServe v1/v2 protocols against real torchserve servers, and ``fruit-batch --protocol kserve-v1|kserve-v2``.
 
-Three servers: the deployed KServe set-up (``deploy/kserve/config/config.properties``: no TorchServe
-envelope, the handler speaks v1/v2 itself, ``batchSize`` 32), and TorchServe's own ``kserve`` and
-``kservev2`` envelopes, which only work with ``batchSize`` 1 (see the handler's docstring).
+The deployed KServe set-up (``deploy/kserve/config/config.properties``: no TorchServe envelope, the handler
+speaks v1/v2 itself, ``batchSize`` 32), and a server configured with TorchServe's own envelope, which the
+handler refuses at start-up (see the handler's docstring).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
@@ -20,9 +21,9 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import build_store, jpeg_bytes, local_http_server, read_csv
+from conftest import jpeg_bytes, local_http_server, read_csv
 from fruitserve.batch.cli import main as batch_main
-from fruitserve.model_store.server import TorchServe, _read_properties
+from fruitserve.model_store.torchserve_process import TorchServe, _read_properties
 from fruitserve.train.synthetic import CLASSES
 from PIL import Image
 
@@ -57,23 +58,6 @@ def deployed(model_store: Path, tmp_path_factory: pytest.TempPathFactory):
     extra = {k: config[k] for k in SERVING_KEYS if k in config}
     ts = TorchServe(workdir=tmp_path_factory.mktemp("ts_kserve"), model_store=model_store, token_auth=False,
                     extra_config=extra)
-    ts.start()
-    try:
-        yield ts
-    finally:
-        ts.stop()
-
-
-@pytest.fixture(scope="module")
-def one_by_one_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_store(trained_run, tmp_path_factory, "batch1", batch_size=1, max_batch_delay_ms=0)
-
-
-@pytest.fixture(scope="module", params=["kserve", "kservev2"])
-def ts_envelope(request: pytest.FixtureRequest, one_by_one_store: Path, tmp_path_factory: pytest.TempPathFactory):
-    """TorchServe's own envelope, with the batch size of 1 it needs."""
-    ts = TorchServe(workdir=tmp_path_factory.mktemp(f"ts_{request.param}"), model_store=one_by_one_store,
-                    token_auth=False, envelope=request.param)
     ts.start()
     try:
         yield ts
@@ -304,26 +288,24 @@ def test_concurrent_v1_v2_and_plain_requests_share_server_batches(deployed: Torc
     assert batches_so_far(deployed) - before < len(payloads)
 
 
-# --- TorchServe's own envelopes (service_envelope=kserve|kservev2, batchSize 1) -------------------------
+# --- TorchServe's own envelope is refused -----------------------------------------------------------------
 
 
-def test_handler_under_torchserve_envelope(ts_envelope: TorchServe, deployed: TorchServe):
-    good = images(2, seed=50)
-    if ts_envelope.envelope == "kserve":
-        response = v1(ts_envelope, [{"data": b64(good[0])}, "***not base64***", {"b64": b64(good[1])}])
-        assert response.status_code == 200, response.text
-        predictions = response.json()["predictions"]
-        same(predictions[0], plain(deployed, good[0]))
-        same(predictions[2], plain(deployed, good[1]))
-        assert predictions[1]["code"] == 400
-    else:
-        # TorchServe's v2 envelope reads one image per input (data[0]): send one input per image
-        response = v2(ts_envelope, v2_request([b64(good[0])], [b64(good[1])], request_id="env-1"))
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["id"] == "env-1" and [o["name"] for o in body["outputs"]] == ["image-0", "image-1"]
-        for output, payload in zip(body["outputs"], good, strict=True):
-            same(json.loads(output["data"][0]), plain(deployed, payload))
+def test_torchserve_envelope_is_refused_naming_the_setting(model_store: Path, tmp_path: Path):
+    envelope = "kservev2"
+    ts = TorchServe(workdir=tmp_path / "ts", model_store=model_store, token_auth=False,
+                    extra_config={"service_envelope": envelope})
+    ts.start(wait=False)
+    log = ts.workdir / "logs" / "model_log.log"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and "remove service_envelope" not in (
+                log.read_text(errors="replace") if log.is_file() else ""):
+            time.sleep(0.5)
+        text = log.read_text(errors="replace")
+        assert f"service_envelope={envelope} is set: remove service_envelope" in text
+    finally:
+        ts.stop()
 
 
 # --- fruit-batch --protocol ----------------------------------------------------------------------------
@@ -363,16 +345,6 @@ def test_fruit_batch_protocols_give_the_same_rows(small_folder: Path, deployed: 
                 assert float(row["confidence"]) == pytest.approx(float(local[path]["confidence"]), abs=1e-4)
                 assert len(json.loads(row["top_k"])) == 2
     assert rows[next(p for p in rows if p.endswith("notes.png"))]["error_code"] == "415"
-
-
-def test_fruit_batch_against_torchserve_envelope(small_folder: Path, ts_envelope: TorchServe, deployed: TorchServe,
-                                                 tmp_path: Path):
-    protocol = {"kserve": "kserve-v1", "kservev2": "kserve-v2"}[ts_envelope.envelope]
-    reference = run_batch(small_folder, tmp_path / "ref.csv", "--url", deployed.inference_url)
-    rows = run_batch(small_folder, tmp_path / "envelope.csv", "--url", ts_envelope.inference_url,
-                     "--protocol", protocol, "--concurrency", "4")
-    assert {p: (r["status"], r["label"], r["error_code"]) for p, r in rows.items()} == {
-        p: (r["status"], r["label"], r["error_code"]) for p, r in reference.items()}
 
 
 def test_local_and_protocol_do_not_mix(small_folder: Path, tmp_path: Path):

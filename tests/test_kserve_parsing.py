@@ -1,4 +1,4 @@
-"""Fast checks of request parsing and answer formatting (handler/kserve.py), and of FruitHandler.handle with a
+"""Fast checks of request parsing and answer formatting (handler/protocols.py), and of FruitHandler.handle with a
 tiny model and a fake context: no torchserve, no trained model."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import json
 import pytest
 import torch
 from fruitserve.handler import fruit_handler
-from fruitserve.handler.fruit_handler import FruitHandler
-from fruitserve.handler.kserve import (
+from fruitserve.handler.classifier import Classifier
+from fruitserve.handler.errors import InputError, TooManyImages
+from fruitserve.handler.fruit_handler import FruitHandler, configured_envelope
+from fruitserve.handler.preprocessing import PreprocessConfig
+from fruitserve.handler.protocols import (
     KSERVE_V1,
     KSERVE_V2,
-    TS_ENVELOPE_V1,
-    InputError,
-    TooManyImages,
+    Parsed,
     b64decode,
     extract_payload,
     format_answer,
@@ -26,7 +27,6 @@ from fruitserve.handler.kserve import (
     parse_request,
     parse_top_k,
 )
-from fruitserve.handler.preprocessing import PreprocessConfig
 from PIL import Image
 
 LABELS = ["Apple", "Banana", "Kiwi", "Lime"]
@@ -199,10 +199,12 @@ def test_v2_id_is_echoed_or_left_out():
     answers = [{"label": "Lime"}]
     plan = parse_request({"body": {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}})
     assert plan.request_id is None
-    kwargs = {"model_name": "fruit", "model_version": "1", "outputs": plan.outputs}
-    assert "id" not in format_answer(KSERVE_V2, answers, **kwargs)
-    assert format_answer(KSERVE_V2, answers, fallback_id="ts-7", **kwargs)["id"] == "ts-7"
-    assert format_answer(KSERVE_V2, answers, request_id="", fallback_id="ts-7", **kwargs)["id"] == ""
+    request = Parsed([], KSERVE_V2, plan.request_id, plan.outputs)
+    kwargs = {"model_name": "fruit", "model_version": "1"}
+    assert "id" not in format_answer(request, answers, **kwargs)
+    assert format_answer(request, answers, fallback_id="ts-7", **kwargs)["id"] == "ts-7"
+    with_empty_id = Parsed([], KSERVE_V2, "", plan.outputs)
+    assert format_answer(with_empty_id, answers, fallback_id="ts-7", **kwargs)["id"] == ""
     with pytest.raises(InputError, match="id"):
         parse_request({"body": {"id": 42, "inputs": [{"name": "i", "shape": [1], "datatype": "BYTES",
                                                         "data": ["x"]}]}})
@@ -211,13 +213,11 @@ def test_v2_id_is_echoed_or_left_out():
 def test_format_answer_shapes():
     answer = {"label": "Lime"}
     error = InputError("bad")
-    assert format_answer(None, [answer], model_name="f", model_version="1") == answer
-    assert format_answer(KSERVE_V1, [answer, answer], model_name="f", model_version="1") == {
-        "predictions": [answer, answer]}
-    assert format_answer(KSERVE_V1, [], model_name="f", model_version="1", error=error) == error.to_dict()
-    assert format_answer(TS_ENVELOPE_V1, [answer], model_name="f", model_version="1") == answer
-    v2 = format_answer(KSERVE_V2, [answer, answer, answer], model_name="f", model_version="1",
-                       outputs=[("a", 2), ("b", 1)], request_id="r")
+    names = {"model_name": "f", "model_version": "1"}
+    assert format_answer(Parsed([]), [answer], **names) == answer
+    assert format_answer(Parsed([], KSERVE_V1), [answer, answer], **names) == {"predictions": [answer, answer]}
+    assert format_answer(Parsed([], KSERVE_V1, error=error), [], **names) == error.to_dict()
+    v2 = format_answer(Parsed([], KSERVE_V2, "r", [("a", 2), ("b", 1)]), [answer, answer, answer], **names)
     assert [(o["name"], o["shape"], len(o["data"])) for o in v2["outputs"]] == [("a", [2], 2), ("b", [1], 1)]
     assert json.loads(v2["outputs"][1]["data"][0]) == answer
 
@@ -249,25 +249,24 @@ class FakeContext:
         self.content_type[idx] = value
 
 
-class CountingModel(torch.nn.Module):
+class CountingGraph(torch.nn.Module):
+    """Stands in for the inference graph: uint8 images -> (logits, features), counting the batches it sees."""
+
     def __init__(self) -> None:
         super().__init__()
         self.batches: list[int] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.batches.append(x.shape[0])
-        mean = x.mean(dim=(2, 3))  # N x 3
-        return torch.cat([mean, mean[:, :1] * 0.5], dim=1)  # N x 4 classes
+        mean = x.float().mean(dim=(2, 3)) / 255  # N x 3
+        return torch.cat([mean, mean[:, :1] * 0.5], dim=1), mean  # N x 4 classes
 
 
 @pytest.fixture
 def handler() -> FruitHandler:
     h = FruitHandler()
-    h.model = CountingModel()
-    h.labels = LABELS
-    h.config = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    h.model_version = "1"
-    h.batch_size = 4
+    config = PreprocessConfig(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    h.classifier = Classifier(CountingGraph(), LABELS, config, model_version="1", max_batch=4)
     h.max_images = 8
     h.initialized = True
     return h
@@ -306,7 +305,8 @@ def test_too_many_images_is_413_for_that_request_only(handler: FruitHandler):
     out = handler.handle(data, context)
     assert context.status == {0: 413}
     assert out[0]["code"] == 413 and len(out[1]["predictions"]) == 8 and out[2]["label"]
-    assert max(handler.model.batches) <= handler.batch_size and sum(handler.model.batches) == 9
+    batches = handler.classifier.graph.batches
+    assert max(batches) <= handler.classifier.max_batch and sum(batches) == 9
 
 
 def test_unexpected_error_is_500_for_that_request_only(handler: FruitHandler, monkeypatch: pytest.MonkeyPatch):
@@ -325,30 +325,18 @@ def test_unexpected_error_is_500_for_that_request_only(handler: FruitHandler, mo
     assert out[0]["code"] == 500 and out[1]["label"] in LABELS and "nested" in out[2]["error"]
 
 
-def test_torchserve_kserve_envelope_is_recognised_from_its_caller(handler: FruitHandler):
-    from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+def test_an_envelope_is_refused_at_initialize(handler: FruitHandler):
+    """TorchServe 0.12's ModelLoader.load wraps handle() in the envelope, then calls initialize() with it in scope."""
 
-    image = b64(png())
-    context = FakeContext([{"explain": "False"}])
-    envelope = KServeEnvelope(handler.handle)
-    # the envelope unwraps the first request's instances; odd instances must not change how it is answered
-    (answer,) = envelope.handle([{"body": {"instances": [{"data": image}, "***", {}, image]}}], context)
-    predictions = answer["predictions"]
-    assert predictions[0]["label"] in LABELS and predictions[3]["label"] in LABELS
-    assert predictions[1]["code"] == 400 and predictions[2]["code"] == 400
-    assert context.status == {} and context.content_type == {}  # the envelope answers for the request
-    handler.handle([{"body": png()}], FakeContext([{}]))
-    assert handler.envelope is None  # called directly again: per-request mode
+    def load(envelope: str | None) -> None:  # the shape of ts.model_loader.TsModelLoader.load
+        handler.initialize(context=None)
 
+    with pytest.raises(RuntimeError, match="remove service_envelope"):
+        load("kserve")
+    with pytest.raises(RuntimeError, match="service_envelope=kservev2"):
+        load("kservev2")
 
-def test_torchserve_kservev2_envelope_is_recognised(handler: FruitHandler):
-    from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
+    def outer() -> str | None:  # called any other way, there is no envelope to find
+        return configured_envelope()
 
-    image = b64(png())
-    body = {"id": "r1", "inputs": [{"name": "a", "shape": [1], "datatype": "BYTES", "data": [image]},
-                                   {"name": "b", "shape": [1], "datatype": "BYTES", "data": ["***"]}]}
-    context = FakeContext([{}])
-    (answer,) = KServev2Envelope(handler.handle).handle([{"body": body}], context)
-    assert answer["id"] == "r1" and [o["name"] for o in answer["outputs"]] == ["a", "b"]
-    assert json.loads(answer["outputs"][0]["data"][0])["label"] in LABELS
-    assert json.loads(answer["outputs"][1]["data"][0])["code"] == 400
+    assert outer() is None

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 from click.testing import CliRunner
 from conftest import build_store, jpeg_bytes, read_csv, start_fruit_batch, wait_for_rows
-from corpus import Case, cases, good_jpeg
 from fruitserve.batch.cli import main as batch_main
-from fruitserve.batch.files import find_images
-from fruitserve.handler.artifacts import load_for_inference, load_labels, load_metadata
-from fruitserve.handler.preprocessing import PreprocessConfig, preprocess
-from fruitserve.model_store.server import TorchServe
+from fruitserve.batch.sources import LocalFolder
+from fruitserve.handler.classifier import load_classifier
+from fruitserve.handler.preprocessing import load_uint8
+from fruitserve.model_store.torchserve_process import TorchServe
 from fruitserve.train.synthetic import CLASSES
+
+from bench.corpus import Case, cases, good_jpeg
 
 pytestmark = pytest.mark.server
 TIMEOUT = 60
@@ -48,13 +48,10 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def local_labels(trained_run: Path):
     """The label the exported model gives some bytes, through the shared preprocessing: what the server must say."""
-    config = PreprocessConfig.from_metadata(load_metadata(trained_run / "metadata.json"))
-    model = load_for_inference(trained_run / "model.pt", torch.device("cpu"))
-    labels = load_labels(trained_run / "index_to_name.json")
+    classifier = load_classifier(trained_run, device="cpu")
 
     def label_of(payload: bytes) -> str:
-        with torch.inference_mode():
-            return labels[int(model(preprocess(payload, config).unsqueeze(0)).argmax())]
+        return classifier.answers(load_uint8(payload, classifier.config).unsqueeze(0), [1])[0]["label"]
 
     return label_of
 
@@ -136,7 +133,7 @@ def test_fruit_batch_on_the_corpus_one_row_each_exit_1(server: TorchServe, store
         result = CliRunner().invoke(batch_main, ["score", str(folder), str(out), "--quiet", *args])
         assert result.exit_code == 1, (mode, result.output)
         rows = read_csv(out)
-        assert sorted(r["path"] for r in rows) == sorted(p.as_posix() for p in find_images(folder)[0])
+        assert sorted(r["path"] for r in rows) == sorted(LocalFolder(folder).list()[0])
         assert len(rows) == len(expected) + 6
         for row in rows:
             case = expected.get(row["path"])

@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,12 +16,12 @@ import pytest
 import requests
 import torch
 from conftest import build_store, image_bytes, jpeg_bytes
-from fruitserve.handler.artifacts import load_for_inference, load_labels, load_metadata
-from fruitserve.handler.predictions import format_predictions, probabilities
-from fruitserve.handler.preprocessing import PreprocessConfig, preprocess
-from fruitserve.model_store.archive import build_archive
+from fruitserve.handler.artifacts import load_labels, load_metadata
+from fruitserve.handler.classifier import load_classifier, resolve_precision
+from fruitserve.handler.preprocessing import load_uint8
+from fruitserve.model_store.archive import HANDLER_DIR, build_archive
 from fruitserve.model_store.archive import main as archive_main
-from fruitserve.model_store.server import TorchServe
+from fruitserve.model_store.torchserve_process import TorchServe
 from fruitserve.train.synthetic import CLASSES
 from PIL import Image
 
@@ -38,13 +42,9 @@ def server(batching_store: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def local_predictions(run: Path, payloads: list[bytes], k: int) -> list[dict]:
-    meta = load_metadata(run / "metadata.json")
-    config = PreprocessConfig.from_metadata(meta)
-    model = load_for_inference(run / "model.pt", torch.device("cpu"))
-    with torch.inference_mode():
-        logits = model(torch.stack([preprocess(p, config) for p in payloads]))
-    return format_predictions(probabilities(logits), load_labels(run / "index_to_name.json"), [k] * len(payloads),
-                              meta["model_version"])
+    """What the served model must answer: the run loaded in this process, the way the handler loads it."""
+    classifier = load_classifier(run, device="cpu")
+    return classifier.answers(torch.stack([load_uint8(p, classifier.config) for p in payloads]), [k] * len(payloads))
 
 
 def post(ts: TorchServe, **kwargs) -> requests.Response:
@@ -65,7 +65,9 @@ def test_prediction_json_equals_local_evaluation(server: TorchServe, trained_run
                             timeout=TIMEOUT)  # what `curl -T apple.jpg` sends
     assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"label", "index", "confidence", "top_k", "model_version"}
+    assert set(body) == {"label", "index", "confidence", "top_k", "model_version", "precision"}
+    # the handler's precision is "auto": bf16 where the CPU has native bf16, fp32 elsewhere
+    assert body["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert len(body["top_k"]) == 3 and body["confidence"] == body["top_k"][0]["probability"]
     assert_same_prediction(body, local_predictions(trained_run, [payload], 3)[0])
 
@@ -205,19 +207,42 @@ def test_incomplete_run_is_a_clear_error(tmp_path: Path, trained_run: Path, caps
 
 
 def test_archive_contents(model_store: Path):
-    import zipfile
-
     names = set(zipfile.ZipFile(model_store / "fruit.mar").namelist())
-    assert {"model.pt", "fruit_handler.py", "preprocessing.py", "predictions.py", "artifacts.py",
-            "index_to_name.json", "metadata.json", "model-config.yaml", "MAR-INF/MANIFEST.json"} <= names
+    package = {f"fruitserve/handler/{p.name}" for p in HANDLER_DIR.glob("*.py")}
+    assert {"model.pt", "fruit_handler.py", "index_to_name.json", "metadata.json", "model-config.yaml",
+            "MAR-INF/MANIFEST.json"} | package <= names
     manifest = json.loads(zipfile.ZipFile(model_store / "fruit.mar").read("MAR-INF/MANIFEST.json"))
     assert manifest["model"]["modelName"] == "fruit" and manifest["model"]["modelVersion"]
+    assert manifest["model"]["handler"] == "fruit_handler.py"
+
+
+SELF_CONTAINED = """
+import importlib, pkgutil, sys
+archive, site_packages = sys.argv[1:3]
+sys.path[:0] = [archive, site_packages]
+import fruit_handler  # what TorchServe imports, from the archive's root
+import fruitserve.handler as package
+assert package.__file__.startswith(archive), package.__file__
+for module in pkgutil.iter_modules(package.__path__):
+    importlib.import_module(f"fruitserve.handler.{module.name}")
+from fruitserve.handler.classifier import load_classifier, resolve_precision
+print(len(load_classifier(archive, device="cpu").labels))
+"""
+
+
+def test_archive_is_self_contained(model_store: Path, tmp_path: Path):
+    """The handler runs from the archive alone: a Python that sees the unpacked .mar and the site-packages, but not
+    the installed fruitserve (``-S``: no .pth files, so no editable install), imports and loads everything."""
+    with zipfile.ZipFile(model_store / "fruit.mar") as archive:
+        archive.extractall(tmp_path / "mar")
+    out = subprocess.run([sys.executable, "-S", "-W", "ignore", "-c", SELF_CONTAINED, str(tmp_path / "mar"),
+                          sysconfig.get_paths()["purelib"]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == str(len(CLASSES))
 
 
 def test_concurrent_builds_keep_their_own_files(tmp_path: Path, trained_run: Path):
     # torch-model-archiver stages in $TMPDIR/<model name>; two builds at once must not swap files.
-    import zipfile
-
     runs = []
     for i in range(2):
         run = shutil.copytree(trained_run, tmp_path / f"run{i}")

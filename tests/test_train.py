@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_TRAIN_ARGS
-from fruitserve.handler.artifacts import load_for_inference, load_labels, load_torchscript
+from fruitserve.handler.artifacts import load_labels, load_torchscript
+from fruitserve.handler.classifier import cpu_has_native_bf16, load_classifier, resolve_precision
 from fruitserve.handler.preprocessing import PreprocessConfig, normalize
 from fruitserve.train import data as datasets
 from fruitserve.train import train as train_module
 from fruitserve.train.model import build_model, export_torchscript
 from fruitserve.train.synthetic import CLASSES
 from fruitserve.train.train import main as train_main
-from fruitserve.train.utils import autocast_dtype, cpu_has_native_bf16
+from fruitserve.train.utils import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,11 +70,14 @@ def test_torchscript_loads_without_this_repo_and_matches_eager(trained_run: Path
     with torch.inference_mode():
         torch.testing.assert_close(scripted(x), eager(x), atol=1e-5, rtol=0)
     assert export_torchscript(eager, tmp_path / "again.pt", x) <= 1e-5
-    # what serving, fruit-batch --local and evaluate load: batch norm folded, oneDNN layouts; same answers
-    optimized = load_for_inference(trained_run / "model.pt", torch.device("cpu"))
+    # what serving, fruit-batch --local and evaluate run (load_classifier, in fp32 here): normalisation and batch
+    # norm folded into the convolutions, oneDNN layouts; the same logits
+    classifier = load_classifier(trained_run, device="cpu", precision="fp32")
+    images = torch.randint(0, 256, (4, 3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = classifier.config.mean, classifier.config.std
     with torch.inference_mode():
-        for batch in (x, x[:1]):
-            torch.testing.assert_close(optimized(batch), scripted(batch), atol=1e-4, rtol=0)
+        for batch in (images, images[:1]):
+            torch.testing.assert_close(classifier.logits(batch), scripted(normalize(batch, mean, std)), atol=1e-4, rtol=0)
 
 
 def test_same_seed_gives_same_metrics(demo_data: Path, tmp_path: Path):
@@ -116,7 +120,7 @@ def test_interrupted_run_resumes_to_the_same_result(demo_data: Path, tmp_path: P
 
 def test_evaluate_reproduces_training_report(trained_run: Path, demo_data: Path, tmp_path: Path):
     assert train_main(["evaluate", str(trained_run / "model.pt"), str(demo_data / "Test"), "--out", str(tmp_path),
-                       "--no-progress"]) == 0
+                       "--precision", "fp32", "--no-progress"]) == 0
     evaluated = json.loads((tmp_path / "metrics.json").read_text())
     reported = json.loads((trained_run / "metrics.json").read_text())["test"]
     assert evaluated["confusion_matrix"] == reported["confusion_matrix"]
@@ -137,6 +141,11 @@ def test_evaluation_tensors_are_the_shared_preprocessing(trained_run: Path, demo
 
 def test_precision_choice():
     cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):
+        resolve_precision("fp16", cpu)
     assert autocast_dtype(cpu, "fp32") is None
     assert autocast_dtype(cpu, "bf16") is torch.bfloat16
     assert autocast_dtype(torch.device("cuda"), "auto") is torch.float16

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fruitserve.handler.preprocessing import InputError, PreprocessConfig, load_uint8
-from tqdm import tqdm
+from fruitserve.handler.errors import InputError
+from fruitserve.handler.preprocessing import PreprocessConfig, load_uint8
 
 from .utils import dataset_fingerprint
+from .utils import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,18 @@ def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tupl
     return sorted(train_idx), sorted(val_idx)
 
 
+def validation_of_run(metadata: dict, classes: list[str]) -> list[tuple[Path, int]]:
+    """A trained run's own validation images (path, class id): its Training folder, split again by the run's seed
+    and fraction (or its ``--val-dir``), so that work after training (calibration, robustness) never looks at Test."""
+    training = metadata["training"]
+    if training.get("val_dir"):
+        index = index_image_folder(Path(training["val_dir"]), classes)
+        return list(zip(index.paths, index.targets, strict=True))
+    index = index_image_folder(Path(metadata["dataset"]["train_root"]), classes)
+    _, val_idx = stratified_split(index.targets, float(training["val_fraction"]), int(training["seed"]))
+    return [(index.paths[i], index.targets[i]) for i in val_idx]
+
+
 def _load_one(path: Path, config: PreprocessConfig) -> torch.Tensor | str:
     try:
         return load_uint8(path.read_bytes(), config)
@@ -148,9 +161,8 @@ def decode_images(
     # PIL releases the GIL while decoding, so threads give real parallelism here.
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = pool.map(lambda p: _load_one(p, config), paths, chunksize=64)
-        for path, target, result in tqdm(
-            zip(paths, targets, results, strict=True), total=len(paths), desc=desc, unit="img", disable=not progress, leave=False
-        ):
+        for path, target, result in progress_bar(zip(paths, targets, results, strict=True), total=len(paths),
+                                                 desc=desc, unit="img", disable=not progress):
             if isinstance(result, str):
                 log.warning("skipping %s: %s", path, result)
                 skipped.append((path, result))

@@ -61,3 +61,28 @@ def export_torchscript(model: torch.nn.Module, path: Path, example: torch.Tensor
     reloaded = load_torchscript(path, torch.device("cpu"))
     with torch.inference_mode():
         return float((reloaded(example) - model(example)).abs().max())
+
+
+def eager_from_torchscript(scripted: torch.jit.ScriptModule, arch: str, num_classes: int) -> torch.nn.Module:
+    """The torchvision model a ``model.pt`` was scripted from, with its weights (what ``torch.export`` needs)."""
+    model = build_model(arch, num_classes)
+    model.load_state_dict(scripted.state_dict())
+    return model.eval()
+
+
+def export_onnx(model: torch.nn.Module, path: Path, example: torch.Tensor) -> None:
+    """ONNX with a dynamic batch dimension: input ``images`` (normalised float NCHW, as ``model.pt`` takes), output
+    ``logits``. torch.export-based (``dynamo=True``, the exporter torch recommends since 2.9; it needs onnxscript)."""
+    import logging
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    tmp = path.with_name(path.name + ".tmp")
+    quiet = logging.getLogger("torch.onnx")
+    level, quiet.level = quiet.level, logging.WARNING
+    try:
+        torch.onnx.export(model.to("cpu").eval(), (example.to("cpu"),), str(tmp), dynamo=True, external_data=False,
+                          input_names=["images"], output_names=["logits"], dynamic_shapes={"x": {0: batch}},
+                          verbose=False)
+    finally:
+        quiet.level = level
+    tmp.replace(path)

@@ -3,7 +3,8 @@
     fruit-train make-demo-data data/demo
     fruit-train train --data data/demo --epochs 8
     fruit-train train --data ../shared/data/fruits-360          # Training/ + Test/
-    fruit-train evaluate runs/<run>/model.pt ../shared/data/fruits-360/Test
+    fruit-train evaluate runs/<run> ../shared/data/fruits-360/Test
+    fruit-train export runs/<run> --format onnx                  # model.onnx next to model.pt
 
 Model selection (early stopping, best checkpoint) uses a validation split carved from
 Training; ``Test/`` is only ever reported, after training is over.
@@ -17,6 +18,7 @@ import datetime as dt
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,20 +26,28 @@ from fruitserve.handler.artifacts import (
     LABELS_FILE,
     METADATA_FILE,
     MODEL_FILE,
-    ModelDirError,
-    load_for_inference,
-    load_labels,
     load_metadata,
+    load_torchscript,
+    require_files,
 )
+from fruitserve.handler.classifier import PRECISIONS, Classifier, load_classifier, select_device, wrap_module
+from fruitserve.handler.errors import ModelDirError
 from fruitserve.handler.preprocessing import PreprocessConfig, normalize
-from tqdm import tqdm
 
 from . import data as datasets
-from .model import ARCHES, build_model, export_torchscript, set_backbone_trainable
+from .model import ARCHES, build_model, eager_from_torchscript, export_onnx, export_torchscript, set_backbone_trainable
 from .presets import TrainAugment
 from .reports import classification_metrics, plot_confident_errors, plot_confusion_matrix
 from .synthetic import make_demo_data
-from .utils import autocast_dtype, git_commit, package_versions, save_atomic, seed_everything, select_device, write_json_atomic
+from .utils import (
+    autocast_dtype,
+    git_commit,
+    package_versions,
+    progress,
+    save_atomic,
+    seed_everything,
+    write_json_atomic,
+)
 
 log = logging.getLogger("fruit-train")
 EXIT_USAGE = 2
@@ -71,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="training forward pass: auto = fp16 AMP on CUDA, bf16 on CPUs with native bf16, else fp32; "
-                        "evaluation and the exported model are always fp32")
+                        "the exported model is always fp32")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     t.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (OMP_NUM_THREADS)")
     t.add_argument("--resume", type=Path, help="a run folder or its checkpoint.pt to continue")
@@ -79,12 +89,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate an exported model on an image folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("model", type=Path, help="model.pt (with index_to_name.json and metadata.json beside it) or its run folder")
+    e.add_argument("model", type=Path, help="a run folder, its model.pt, or a .mar")
     e.add_argument("data", type=Path, help="ROOT/<class>/<image> with class names the model knows")
-    e.add_argument("--out", type=Path, help="where reports go (default: MODEL_DIR/eval-<data folder name>)")
+    e.add_argument("--out", type=Path, help="where reports go (default: RUN/eval-<data folder name>)")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    e.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto = bf16 on CPUs with native bf16, fp16 on CUDA, else fp32 (as served)")
     e.add_argument("--no-progress", action="store_true")
+
+    x = sub.add_parser("export", help="write a run's model in another format, next to its model.pt",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("run", type=Path, help="a training run folder")
+    x.add_argument("--format", default="onnx", choices=("onnx",),
+                   help="onnx: model.onnx, dynamic batch, the same input and logits as model.pt (needs the onnx extra)")
 
     d = sub.add_parser("make-demo-data", help="draw a small synthetic fruit dataset (Training/ and Test/)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -95,76 +113,130 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    criterion: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train: datasets.DecodedImages,
-    augment: TrainAugment | None,
-    config: PreprocessConfig,
-    args: argparse.Namespace,
-    epoch: int,
-    generator: torch.Generator,
-    device: torch.device,
-    scaler: torch.amp.GradScaler | None,
-    amp_dtype: torch.dtype | None = None,
-) -> dict:
+# --- the data -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Splits:
+    """What a run trains, selects and reports on, decoded once at model resolution."""
+
+    classes: list[str]
+    train: datasets.DecodedImages
+    val: datasets.DecodedImages
+    train_root: Path
+    test_root: Path | None
+    fingerprint: str
+
+
+def load_data(args: argparse.Namespace, config: PreprocessConfig) -> Splits:
+    train_root, default_test = datasets.resolve_layout(args.data)
+    index = datasets.index_image_folder(train_root)
+    show = not args.no_progress
+    if args.val_dir:
+        train = datasets.decode_images(index.paths, index.targets, config, desc="decode train", progress=show)
+        val_index = datasets.index_image_folder(args.val_dir, index.classes)
+        val = datasets.decode_images(val_index.paths, val_index.targets, config, desc="decode val", progress=show)
+    else:
+        train_idx, val_idx = datasets.stratified_split(index.targets, args.val_fraction, args.seed)
+        train, val = (datasets.decode_images([index.paths[i] for i in idx], [index.targets[i] for i in idx], config,
+                                             desc=f"decode {name}", progress=show)
+                      for name, idx in (("train", train_idx), ("val", val_idx)))
+    if len(train.targets) < args.batch_size:
+        raise datasets.DatasetError(f"{len(train.targets)} training images is fewer than one batch ({args.batch_size})")
+    log.info("%d classes, %d training and %d validation images from %s", len(index.classes), len(train.targets),
+             len(val.targets), train_root)
+    return Splits(index.classes, train, val, train_root, args.test_dir or default_test, index.fingerprint())
+
+
+# --- one epoch, and evaluation ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSetup:
+    """The model and everything that updates it; what a checkpoint saves and ``--resume`` restores."""
+
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    device: torch.device
+    augment: TrainAugment | None
+    config: PreprocessConfig
+    amp_dtype: torch.dtype | None = None  # None: fp32
+    scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA only: bf16 needs no loss scaling
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+
+
+def make_setup(args: argparse.Namespace, num_classes: int, train_images: int, device: torch.device,
+               generator: torch.Generator) -> TrainingSetup:
+    config = PreprocessConfig(input_size=args.input_size)
+    model = build_model(args.arch, num_classes, args.weights).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = max(1, train_images // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
+                                                    pct_start=0.25)
+    amp_dtype = autocast_dtype(device, args.precision)
+    return TrainingSetup(model, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), optimizer, scheduler,
+                         generator, device, None if args.no_augment else TrainAugment(config.mean, config.std), config,
+                         amp_dtype, torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None)
+
+
+def train_one_epoch(setup: TrainingSetup, data: datasets.DecodedImages, epoch: int, args: argparse.Namespace) -> dict:
+    model, device = setup.model, setup.device
     model.train()
-    n = len(train.targets)
-    order = torch.randperm(n, generator=generator)
+    n = len(data.targets)
+    order = torch.randperm(n, generator=setup.generator)
     steps = n // args.batch_size  # drop the ragged last batch: BatchNorm dislikes tiny ones
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"epoch {epoch}", unit="batch", leave=False, disable=args.no_progress)
-    for step in bar:
+    for step in progress(range(steps), desc=f"epoch {epoch}", unit="batch", disable=args.no_progress):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-        images = train.images[idx].to(device, non_blocking=True)
-        targets = train.targets[idx].to(device, non_blocking=True)
-        inputs = augment(images, generator) if augment else normalize(images, config.mean, config.std)
+        images = data.images[idx].to(device, non_blocking=True)
+        targets = data.targets[idx].to(device, non_blocking=True)
+        if setup.augment:
+            inputs = setup.augment(images, setup.generator)
+        else:
+            inputs = normalize(images, setup.config.mean, setup.config.std)
         inputs = inputs.contiguous(memory_format=torch.channels_last)  # faster on CPU (oneDNN) and CUDA alike
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=setup.amp_dtype, enabled=setup.amp_dtype is not None):
             logits = model(inputs)
-            loss = criterion(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = setup.criterion(logits, targets)
+        setup.optimizer.zero_grad(set_to_none=True)
+        if setup.scaler is not None:
+            setup.scaler.scale(loss).backward()
+            setup.scaler.step(setup.optimizer)
+            setup.scaler.update()
         else:
             loss.backward()
-            optimizer.step()
-        scheduler.step()
+            setup.optimizer.step()
+        setup.scheduler.step()
         total_loss += float(loss.detach()) * len(idx)
         correct += int((logits.argmax(1) == targets).sum())
         seen += len(idx)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
     elapsed = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
             "train_img_per_s": seen / elapsed, "epoch_seconds": elapsed}
 
 
-@torch.inference_mode()
-def predict(model: torch.nn.Module, images: torch.Tensor, config: PreprocessConfig, batch_size: int,
-            device: torch.device, progress: bool = False) -> torch.Tensor:
-    """Logits for cached uint8 images: the same ``normalize`` the handler applies."""
-    model.eval()
-    outputs = []
-    for start in tqdm(range(0, len(images), batch_size), desc="evaluate", unit="batch", leave=False,
-                      disable=not progress):
-        batch = normalize(images[start:start + batch_size].to(device), config.mean, config.std)
-        if device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        outputs.append(model(batch).float().cpu())
-    return torch.cat(outputs)
-
-
-def evaluate(model: torch.nn.Module, decoded: datasets.DecodedImages, classes: list[str], config: PreprocessConfig,
-             batch_size: int, device: torch.device, progress: bool = False) -> tuple[dict, torch.Tensor]:
+def evaluate(classifier: Classifier, decoded: datasets.DecodedImages, progress_bar: bool = False
+             ) -> tuple[dict, torch.Tensor]:
+    """Metrics of ``classifier`` on cached uint8 images, through the same forward pass as serving."""
     start = time.perf_counter()
-    logits = predict(model, decoded.images, config, batch_size, device, progress)
-    metrics = classification_metrics(logits, decoded.targets, classes)
+    step = classifier.max_batch
+    logits = torch.cat([classifier.logits(decoded.images[i:i + step])
+                        for i in progress(range(0, len(decoded.images), step), desc="evaluate", unit="batch",
+                                          disable=not progress_bar)])
+    metrics = classification_metrics(logits, decoded.targets, classifier.labels)
     metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, decoded.targets))
     metrics["eval_img_per_s"] = len(decoded.targets) / (time.perf_counter() - start)
     metrics["skipped_files"] = [str(p) for p, _ in decoded.skipped]
@@ -183,8 +255,121 @@ def summary(metrics: dict) -> dict:
     return {k: metrics[k] for k in keep if k in metrics}
 
 
-def _resolve_checkpoint(path: Path) -> Path:
-    return path / "checkpoint.pt" if path.is_dir() else path
+# --- a training run, step by step ---------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what ``checkpoint.pt`` holds besides the setup's state."""
+
+    model_version: str
+    start_epoch: int = 0
+    best_f1: float = -1.0
+    best_loss: float = float("inf")
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def open_run(args: argparse.Namespace) -> tuple[Path, dict | None]:
+    """The run folder and, with ``--resume``, the checkpoint to continue from."""
+    if args.resume:
+        ckpt_path = args.resume / "checkpoint.pt" if args.resume.is_dir() else args.resume
+        if not ckpt_path.is_file():
+            raise datasets.DatasetError(f"--resume: no checkpoint at {ckpt_path}")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        log.info("resuming %s from epoch %d", ckpt_path.parent, checkpoint["epoch"] + 1)
+        return ckpt_path.parent, checkpoint
+    run_dir = args.output_dir / (args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, None
+
+
+def fit(setup: TrainingSetup, splits: Splits, run_dir: Path, state: Progress, args: argparse.Namespace) -> Progress:
+    """Epochs until ``--epochs`` or early stopping; ``best.pt`` keeps the best epoch by validation macro-F1, then loss."""
+    validator = wrap_module(setup.model, splits.classes, setup.config, setup.device, args.eval_batch_size)
+    start = time.perf_counter()
+    for epoch in range(state.start_epoch, args.epochs):
+        if args.weights and args.freeze_epochs:
+            set_backbone_trainable(setup.model, epoch >= args.freeze_epochs)
+        row = {"epoch": epoch, "lr": setup.scheduler.get_last_lr()[0]} | train_one_epoch(setup, splits.train, epoch, args)
+        setup.model.eval()
+        val, _ = evaluate(validator, splits.val)
+        row |= {"val_top1": val["top1"], "val_macro_f1": val["macro_f1"], "val_loss": val["loss"]}
+        state.history.append(row)
+        # Late in a run validation macro-F1 often ties (at 1.0 on Fruits-360); the lower loss breaks the tie,
+        # which favours the later, annealed epochs over the first one that reached the ceiling.
+        improved = (val["macro_f1"], -val["loss"]) > (state.best_f1, -state.best_loss)
+        if improved:
+            state.best_f1, state.best_loss, state.best_epoch = val["macro_f1"], val["loss"], epoch
+            save_atomic(setup.model.state_dict(), run_dir / "best.pt")
+        save_atomic(setup.state_dict() | {
+            "epoch": epoch, "best_f1": state.best_f1, "best_loss": state.best_loss, "best_epoch": state.best_epoch,
+            "history": state.history, "model_version": state.model_version}, run_dir / "checkpoint.pt")
+        log.info("epoch %d: loss %.4f train acc %.4f | val top-1 %.4f macro-F1 %.4f loss %.4f%s | %.0f img/s, %.0f s",
+                 epoch, row["train_loss"], row["train_acc"], row["val_top1"], row["val_macro_f1"], row["val_loss"],
+                 " *" if improved else "", row["train_img_per_s"], row["epoch_seconds"])
+        if epoch - state.best_epoch >= args.patience:
+            log.info("early stop: no better validation macro-F1 (or loss at equal F1) for %d epochs", args.patience)
+            break
+    state.train_seconds = time.perf_counter() - start + sum(r["epoch_seconds"] for r in state.history[:state.start_epoch])
+    _write_history(run_dir / "history.csv", state.history)
+    return state
+
+
+def export(setup: TrainingSetup, splits: Splits, run_dir: Path) -> float:
+    """The best epoch's weights as ``model.pt`` (fp32 TorchScript) and the labels; returns max |scripted - eager|."""
+    setup.model.load_state_dict(torch.load(run_dir / "best.pt", map_location=setup.device, weights_only=True))
+    example = normalize(splits.val.images[: min(8, len(splits.val.images))], setup.config.mean, setup.config.std)
+    export_diff = export_torchscript(setup.model, run_dir / MODEL_FILE, example)
+    log.info("exported TorchScript to %s (max |scripted - eager| = %.2e)", run_dir / MODEL_FILE, export_diff)
+    write_json_atomic(run_dir / LABELS_FILE, {str(i): name for i, name in enumerate(splits.classes)})
+    return export_diff
+
+
+def report(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata: dict) -> dict:
+    """Metrics and pictures from the exported model as it is served (``load_classifier``, fp32 here so the reported
+    figures are the exported model's own), on validation and, when there is one, Test."""
+    classifier = load_classifier(run_dir, device=select_device(args.device), precision="fp32",
+                                 max_batch=args.eval_batch_size)
+    val, _ = evaluate(classifier, splits.val)
+    metrics = {"validation": val}
+    name, report_set = "validation", splits.val
+    if splits.test_root is not None:
+        test_index = datasets.index_image_folder(splits.test_root, splits.classes)
+        report_set = datasets.decode_images(test_index.paths, test_index.targets, classifier.config, desc="decode test",
+                                            progress=not args.no_progress)
+        name = "test"
+    metrics[name], logits = evaluate(classifier, report_set, not args.no_progress)
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    write_json_atomic(run_dir / METADATA_FILE, metadata | {"metrics": {split: summary(m) for split, m in metrics.items()}})
+    write_reports(run_dir, f"{args.arch} on {name}", metrics[name], logits, report_set, splits.classes)
+    return metrics
+
+
+def write_metadata(run_dir: Path, args: argparse.Namespace, setup: TrainingSetup, splits: Splits, state: Progress,
+                   export_diff: float) -> dict:
+    """``metadata.json``: what the model expects and how it was made. Written before the reports, which load the
+    run as it is served; ``report`` adds the metrics."""
+    metadata = {
+        "model_version": state.model_version,
+        "arch": args.arch,
+        "num_classes": len(splits.classes),
+        **setup.config.to_metadata(),
+        "dataset": {"train_root": str(splits.train_root), "fingerprint": splits.fingerprint,
+                    "train_images": len(splits.train.targets), "val_images": len(splits.val.targets),
+                    "skipped_files": len(splits.train.skipped) + len(splits.val.skipped),
+                    "test_root": str(splits.test_root) if splits.test_root else None},
+        "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
+        "epochs_run": len(state.history), "best_epoch": state.best_epoch, "train_seconds": round(state.train_seconds, 1),
+        "device": str(setup.device), "torch_threads": torch.get_num_threads(),
+        "train_autocast": str(setup.amp_dtype).removeprefix("torch.") if setup.amp_dtype else "float32",
+        "export_max_abs_diff": export_diff,
+        "packages": package_versions(), "git_commit": git_commit(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(run_dir / METADATA_FILE, metadata)
+    return metadata
 
 
 def run_training(args: argparse.Namespace) -> Path:
@@ -194,136 +379,26 @@ def run_training(args: argparse.Namespace) -> Path:
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = PreprocessConfig(input_size=args.input_size)
 
-    checkpoint = None
-    if args.resume:
-        ckpt_path = _resolve_checkpoint(args.resume)
-        if not ckpt_path.is_file():
-            raise datasets.DatasetError(f"--resume: no checkpoint at {ckpt_path}")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        run_dir = ckpt_path.parent
-        log.info("resuming %s from epoch %d", run_dir, checkpoint["epoch"] + 1)
-    else:
-        run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = args.output_dir / run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-    model_version = checkpoint["model_version"] if checkpoint else dt.datetime.now().strftime("%Y%m%d.%H%M%S")
-
-    train_root, default_test = datasets.resolve_layout(args.data)
-    test_root = args.test_dir or default_test
-    train_index = datasets.index_image_folder(train_root)
-    classes = train_index.classes
-    if args.val_dir:
-        train_idx, val_idx = list(range(len(train_index.paths))), None
-    else:
-        train_idx, val_idx = datasets.stratified_split(train_index.targets, args.val_fraction, args.seed)
-    pick = lambda idx: ([train_index.paths[i] for i in idx], [train_index.targets[i] for i in idx])  # noqa: E731
-    progress = not args.no_progress
-    train_set = datasets.decode_images(*pick(train_idx), config, desc="decode train", progress=progress)
-    if val_idx is None:
-        val_index = datasets.index_image_folder(args.val_dir, classes)
-        val_set = datasets.decode_images(val_index.paths, val_index.targets, config, desc="decode val", progress=progress)
-    else:
-        val_set = datasets.decode_images(*pick(val_idx), config, desc="decode val", progress=progress)
-    log.info("%d classes, %d training and %d validation images from %s", len(classes), len(train_set.targets),
-             len(val_set.targets), train_root)
-
-    model = build_model(args.arch, len(classes), args.weights).to(device, memory_format=torch.channels_last)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = max(1, len(train_set.targets) // args.batch_size)
-    if len(train_set.targets) < args.batch_size:
-        raise datasets.DatasetError(f"{len(train_set.targets)} training images is fewer than one batch ({args.batch_size})")
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
-                                                    pct_start=0.25)
-    amp_dtype = autocast_dtype(device, args.precision)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None  # bf16 needs no loss scaling
-    augment = None if args.no_augment else TrainAugment(config.mean, config.std)
-
-    start_epoch, best_f1, best_loss, best_epoch, history = 0, -1.0, float("inf"), -1, []
+    splits = load_data(args, config)  # before the run folder exists: a bad --data leaves nothing behind
+    run_dir, checkpoint = open_run(args)
+    setup = make_setup(args, len(splits.classes), len(splits.train.targets), device, generator)
+    state = Progress(dt.datetime.now().strftime("%Y%m%d.%H%M%S"))
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        generator.set_state(checkpoint["generator"])
-        start_epoch, best_f1, best_epoch = checkpoint["epoch"] + 1, checkpoint["best_f1"], checkpoint["best_epoch"]
-        best_loss = checkpoint.get("best_loss", float("inf"))
-        history = checkpoint["history"]
+        setup.load_state_dict(checkpoint)
+        state = Progress(checkpoint["model_version"], checkpoint["epoch"] + 1, checkpoint["best_f1"],
+                         checkpoint.get("best_loss", float("inf")), checkpoint["best_epoch"], checkpoint["history"])
 
-    train_start = time.perf_counter()
-    for epoch in range(start_epoch, args.epochs):
-        if args.weights and args.freeze_epochs:
-            set_backbone_trainable(model, epoch >= args.freeze_epochs)
-        row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-        row |= train_one_epoch(model, criterion, optimizer, scheduler, train_set, augment, config, args, epoch,
-                               generator, device, scaler, amp_dtype)
-        val_metrics, _ = evaluate(model, val_set, classes, config, args.eval_batch_size, device)
-        row |= {"val_top1": val_metrics["top1"], "val_macro_f1": val_metrics["macro_f1"], "val_loss": val_metrics["loss"]}
-        history.append(row)
-        # Late in a run validation macro-F1 often ties (at 1.0 on Fruits-360); the lower loss breaks the tie,
-        # which favours the later, annealed epochs over the first one that reached the ceiling.
-        improved = (val_metrics["macro_f1"], -val_metrics["loss"]) > (best_f1, -best_loss)
-        if improved:
-            best_f1, best_loss, best_epoch = val_metrics["macro_f1"], val_metrics["loss"], epoch
-            save_atomic(model.state_dict(), run_dir / "best.pt")
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "epoch": epoch,
-                     "best_f1": best_f1, "best_loss": best_loss, "best_epoch": best_epoch, "history": history,
-                     "model_version": model_version}, run_dir / "checkpoint.pt")
-        log.info("epoch %d: loss %.4f train acc %.4f | val top-1 %.4f macro-F1 %.4f loss %.4f%s | %.0f img/s, %.0f s",
-                 epoch, row["train_loss"], row["train_acc"], row["val_top1"], row["val_macro_f1"], row["val_loss"],
-                 " *" if improved else "",
-                 row["train_img_per_s"], row["epoch_seconds"])
-        if epoch - best_epoch >= args.patience:
-            log.info("early stop: no better validation macro-F1 (or loss at equal F1) for %d epochs", args.patience)
-            break
-    train_seconds = time.perf_counter() - train_start + sum(r["epoch_seconds"] for r in history[:start_epoch])
-    _write_history(run_dir / "history.csv", history)
+    state = fit(setup, splits, run_dir, state, args)
+    export_diff = export(setup, splits, run_dir)
+    metadata = write_metadata(run_dir, args, setup, splits, state, export_diff)
+    metrics = report(run_dir, splits, args, metadata)
 
-    model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True))
-    example = normalize(val_set.images[: min(8, len(val_set.images))], config.mean, config.std)
-    export_diff = export_torchscript(model, run_dir / MODEL_FILE, example)
-    log.info("exported TorchScript to %s (max |scripted - eager| = %.2e)", run_dir / MODEL_FILE, export_diff)
-    write_json_atomic(run_dir / LABELS_FILE, {str(i): name for i, name in enumerate(classes)})
-
-    # Reports come from the exported TorchScript, the artifact that is actually served.
-    scripted = load_for_inference(run_dir / MODEL_FILE, device)
-    val_metrics, _ = evaluate(scripted, val_set, classes, config, args.eval_batch_size, device)
-    metrics = {"validation": val_metrics}
-    report_name, report_set = "validation", val_set
-    if test_root is not None:
-        test_index = datasets.index_image_folder(test_root, classes)
-        report_set = datasets.decode_images(test_index.paths, test_index.targets, config, desc="decode test",
-                                            progress=progress)
-        report_name = "test"
-    report_metrics, report_logits = evaluate(scripted, report_set, classes, config, args.eval_batch_size, device,
-                                             progress)
-    metrics[report_name] = report_metrics
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    write_reports(run_dir, f"{args.arch} on {report_name}", report_metrics, report_logits, report_set, classes)
-
-    metadata = {
-        "model_version": model_version,
-        "arch": args.arch,
-        "num_classes": len(classes),
-        **config.to_metadata(),
-        "dataset": {"train_root": str(train_root), "fingerprint": train_index.fingerprint(),
-                    "train_images": len(train_set.targets), "val_images": len(val_set.targets),
-                    "skipped_files": len(train_set.skipped) + len(val_set.skipped),
-                    "test_root": str(test_root) if test_root else None},
-        "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
-        "epochs_run": len(history), "best_epoch": best_epoch, "train_seconds": round(train_seconds, 1),
-        "device": str(device), "torch_threads": torch.get_num_threads(),
-        "train_autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
-        "export_max_abs_diff": export_diff,
-        "packages": package_versions(), "git_commit": git_commit(),
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "metrics": {"validation": summary(val_metrics), report_name: summary(report_metrics)},
-    }
-    write_json_atomic(run_dir / METADATA_FILE, metadata)
+    name = "test" if "test" in metrics else "validation"
+    final = metrics[name]
     print(f"artifacts: {run_dir.resolve()}")
-    print(f"model version {metadata['model_version']}; {report_name}: top-1 {report_metrics['top1']:.4f}, "
-          f"top-5 {report_metrics['top5']:.4f}, macro-F1 {report_metrics['macro_f1']:.4f} "
-          f"on {report_metrics['images']} images; trained {len(history)} epochs in {train_seconds / 60:.1f} min")
+    print(f"model version {state.model_version}; {name}: top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}, "
+          f"macro-F1 {final['macro_f1']:.4f} on {final['images']} images; trained {len(state.history)} epochs in "
+          f"{state.train_seconds / 60:.1f} min")
     return run_dir
 
 
@@ -341,26 +416,44 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def run_evaluation(args: argparse.Namespace) -> dict:
-    device = select_device(args.device)
-    model_path = args.model / MODEL_FILE if args.model.is_dir() else args.model
-    model_dir = model_path.parent
-    for needed in (model_path, model_dir / LABELS_FILE, model_dir / METADATA_FILE):
-        if not needed.is_file():
-            raise ModelDirError(f"missing {needed}: evaluate needs model.pt, index_to_name.json and metadata.json")
-    classes = load_labels(model_dir / LABELS_FILE)
-    config = PreprocessConfig.from_metadata(load_metadata(model_dir / METADATA_FILE))
-    index = datasets.index_image_folder(args.data, classes)
-    decoded = datasets.decode_images(index.paths, index.targets, config, desc="decode", progress=not args.no_progress)
-    model = load_for_inference(model_path, device)
-    metrics, logits = evaluate(model, decoded, classes, config, args.batch_size, device, not args.no_progress)
-    out = args.out or model_dir / f"eval-{args.data.resolve().name}"
+    classifier = load_classifier(args.model, device=select_device(args.device), precision=args.precision,
+                                 max_batch=args.batch_size)
+    index = datasets.index_image_folder(args.data, classifier.labels)
+    decoded = datasets.decode_images(index.paths, index.targets, classifier.config, desc="decode",
+                                     progress=not args.no_progress)
+    metrics, logits = evaluate(classifier, decoded, not args.no_progress)
+    metrics["precision"] = classifier.precision
+    # by default beside the model: in its run folder, or in the folder of its model.pt or .mar
+    out = args.out or (args.model if args.model.is_dir() else args.model.parent) / f"eval-{args.data.resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics)
-    write_reports(out, f"{args.data.name}", metrics, logits, decoded, classes)
+    write_reports(out, f"{args.data.name} ({classifier.precision})", metrics, logits, decoded, classifier.labels)
     print(f"reports: {out.resolve()}")
     print(f"top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-          f"on {metrics['images']} images ({len(decoded.skipped)} skipped)")
+          f"on {metrics['images']} images in {classifier.precision} ({len(decoded.skipped)} skipped)")
     return metrics
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    """``model.onnx`` beside ``model.pt``, checked against it with ONNX Runtime on random inputs."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ValueError("ONNX export needs the onnx extra: pip install 'fruitserve[onnx]'") from None
+    run = require_files(args.run, "a complete training run")
+    metadata = load_metadata(run / METADATA_FILE)
+    scripted = load_torchscript(run / MODEL_FILE, torch.device("cpu"))
+    model = eager_from_torchscript(scripted, metadata["arch"], int(metadata["num_classes"]))
+    size = int(metadata["input_size"])
+    path = run / "model.onnx"
+    export_onnx(model, path, torch.zeros(2, 3, size, size))
+    images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_logits = torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+    with torch.inference_mode():
+        difference = float((onnx_logits - scripted(images)).abs().max())
+    print(f"wrote {path} (max |onnx - torchscript| logit on random inputs: {difference:.2e})")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"synthetic dataset: {out.resolve()}")
         elif args.command == "evaluate":
             run_evaluation(args)
+        elif args.command == "export":
+            run_export(args)
         else:
             run_training(args)
     except (datasets.DatasetError, ModelDirError, ValueError) as exc:

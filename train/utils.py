@@ -7,12 +7,16 @@ import json
 import os
 import random
 import subprocess
-from collections.abc import Iterable
+import sys
+import time
+from collections.abc import Iterable, Iterator
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 import torch
+from fruitserve.handler.classifier import cpu_has_native_bf16
+from tqdm import tqdm
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -24,19 +28,11 @@ def seed_everything(seed: int) -> torch.Generator:
     return generator
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The dtype training runs its forward pass in, or None for plain fp32.
 
-    ``auto`` is fp16 AMP on CUDA and bf16 on a CPU with native bf16 instructions (about 1.3-1.4x faster
-    on the AVX-512 BF16 machine of BENCHMARKS.md); elsewhere bf16 would be emulated and slower, so fp32.
+    ``auto`` is fp16 AMP on CUDA and bf16 on a CPU with native bf16 instructions (BENCHMARKS.md, Training);
+    elsewhere bf16 would be emulated and slower, so fp32.
     """
     if precision == "fp32":
         return None
@@ -47,15 +43,53 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
-def cpu_has_native_bf16() -> bool:
-    """oneDNN runs bf16 on any AVX-512 CPU, but only AVX-512 BF16 or AMX do it in hardware."""
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
-    except OSError:  # not Linux: trust oneDNN
-        return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+class LineProgress:
+    """Progress for logs a machine reads (CI, ``make demo > log``): one line at every 10 %, no redrawn bar."""
+
+    def __init__(self, total: int | None, desc: str, unit: str) -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.count, self.next_tenth, self.start = 0, 1, time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if not self.total:
+            return
+        tenth = self.count * 10 // self.total
+        if tenth >= self.next_tenth:
+            self.next_tenth = tenth + 1
+            rate = self.count / max(time.perf_counter() - self.start, 1e-9)
+            print(f"{self.desc}: {tenth * 10}% ({self.count}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s)",
+                  file=sys.stderr, flush=True)
+
+    def set_postfix(self, **_: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
+             disable: bool = False) -> Iterable | tqdm | LineProgress:
+    """A tqdm bar on a terminal; on a pipe or file, a line at every 10 % (``LineProgress``); nothing if disabled.
+
+    With an ``iterable`` it returns an iterable that reports as it goes; without, an object with ``update``.
+    """
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if disable:
+        return iterable if iterable is not None else LineProgress(None, desc, unit)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+    bar = LineProgress(total, desc, unit)
+    if iterable is None:
+        return bar
+    return _counted(iterable, bar)
+
+
+def _counted(iterable: Iterable, bar: LineProgress) -> Iterator:
+    for item in iterable:
+        yield item
+        bar.update(1)
 
 
 def package_versions(names: Iterable[str] = ("torch", "torchvision", "pillow", "numpy", "fruitserve")) -> dict:
