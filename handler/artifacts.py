@@ -23,7 +23,7 @@ LABELS_FILE = "index_to_name.json"
 METADATA_FILE = "metadata.json"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, METADATA_FILE)
 # Fitted after training (class means and covariance of the penultimate features); absent in older runs.
-FEATURE_STATS_FILE = "feature_stats.pt"
+FEATURE_STATS_FILE = "feature_stats.npz"  # plain arrays: read without pickle (allow_pickle=False)
 MODEL_FILES = (*REQUIRED_FILES, FEATURE_STATS_FILE)
 
 # torch 2.14 deprecates torch.jit; TorchScript is still the format TorchServe loads

@@ -32,6 +32,7 @@ from fruitserve.handler.artifacts import (
 from fruitserve.handler.errors import ModelDirError
 from fruitserve.handler.predictions import format_predictions
 from fruitserve.handler.preprocessing import PreprocessConfig
+from fruitserve.handler.uncertainty import UncertaintyRule
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,13 @@ def inference_graph(net: torch.nn.Module, config: PreprocessConfig, device: torc
 
 @dataclass
 class Prediction:
-    """What one forward pass says about a batch: calibrated class probabilities and the features behind them."""
+    """What one forward pass says about a batch, on the CPU: calibrated class probabilities, the features behind
+    them, their distance from the training data, and the uncertainty rule's verdict."""
 
-    probabilities: torch.Tensor  # N x classes, float32, on the CPU
-    features: torch.Tensor  # N x D penultimate features, float32, on the CPU
+    probabilities: torch.Tensor  # N x classes, float32
+    features: torch.Tensor  # N x D penultimate features, float32
+    distances: torch.Tensor  # N, squared Mahalanobis distance to the nearest class mean (NaN: no statistics)
+    uncertain: torch.Tensor  # N, bool
 
 
 @dataclass
@@ -139,22 +143,28 @@ class Classifier:
     model_version: str | None = None
     metadata: dict = field(default_factory=dict)
     max_batch: int = 64  # larger inputs run in chunks of this many images
+    uncertainty: UncertaintyRule = field(default_factory=UncertaintyRule)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Raw logits (float32, CPU) for a uint8 batch: what evaluation computes its metrics and loss from."""
-        return self._forward(images)[0]
+        return self.logits_and_features(images)[0]
 
     def predict(self, images: torch.Tensor) -> Prediction:
-        logits, features = self._forward(images)
-        return Prediction(torch.softmax(logits, dim=1), features)
+        logits, features = self.logits_and_features(images)
+        probabilities = self.uncertainty.calibrated(logits)
+        distances = self.uncertainty.distance(features)
+        uncertain = self.uncertainty.uncertain(probabilities.max(dim=1).values, distances)
+        return Prediction(probabilities, features, distances, uncertain)
 
     def answers(self, images: torch.Tensor, top_k: Sequence[int]) -> list[dict]:
         """One JSON-ready answer per image, each with its own top-k (see ``predictions.format_predictions``)."""
         prediction = self.predict(images)
-        return format_predictions(prediction.probabilities, self.labels, top_k, self.model_version, self.precision)
+        return format_predictions(prediction.probabilities, self.labels, top_k, self.model_version, self.precision,
+                                  prediction.uncertain.tolist(), prediction.distances.tolist())
 
     @torch.inference_mode()
-    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits_and_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw logits and penultimate features (float32, CPU) for a uint8 batch of any size."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected a uint8 N x 3 x H x W batch, got {images.dtype} {tuple(images.shape)}")
         outputs = [self.graph(images[i:i + self.max_batch].to(self.device, non_blocking=True))
@@ -175,10 +185,11 @@ class Classifier:
 
 
 def load_classifier(source: str | os.PathLike, *, device: str | torch.device = "auto", precision: str = "auto",
-                    max_batch: int = 64, max_pixels: int | None = None) -> Classifier:
+                    max_batch: int = 64, max_pixels: int | None = None, uncertainty: dict | None = None) -> Classifier:
     """A run folder, its ``model.pt`` or a ``.mar``, loaded for inference on ``device`` in ``precision``.
 
-    ``max_pixels`` overrides the decoded-size limit of the run's metadata (the handler's ``max_pixels`` setting).
+    ``max_pixels`` overrides the decoded-size limit of the run's metadata (the handler's ``max_pixels`` setting);
+    ``uncertainty`` overrides the fitted thresholds (``min_confidence``, ``max_distance``).
     """
     device = select_device(device)
     precision = resolve_precision(precision, device)
@@ -186,14 +197,17 @@ def load_classifier(source: str | os.PathLike, *, device: str | torch.device = "
         metadata = load_metadata(folder / METADATA_FILE)
         labels = load_labels(folder / LABELS_FILE)
         scripted = load_torchscript(folder / MODEL_FILE, torch.device("cpu"))
+        rule = UncertaintyRule.from_run(metadata, folder, uncertainty)
     config = PreprocessConfig.from_metadata(metadata)
     if max_pixels:
         config = PreprocessConfig(config.input_size, config.mean, config.std, int(max_pixels))
     classifier = Classifier(inference_graph(scripted, config, device, precision), labels, config, device, precision,
-                            str(metadata.get("model_version")), metadata, max(1, max_batch))
+                            str(metadata.get("model_version")), metadata, max(1, max_batch), rule)
     classifier.check()
-    log.info("fruit model %s on %s in %s: %d classes, input %d px", classifier.model_version, device, precision,
-             len(labels), config.input_size)
+    log.info("fruit model %s on %s in %s: %d classes, input %d px; uncertain below calibrated confidence %.3f%s",
+             classifier.model_version, device, precision, len(labels), config.input_size, rule.min_confidence,
+             f" or beyond feature distance {rule.max_distance:.1f}" if rule.max_distance is not None else
+             " (no feature statistics)")
     return classifier
 
 

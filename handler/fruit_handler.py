@@ -81,7 +81,8 @@ class FruitHandler:
         self.classifier = load_classifier(properties.get("model_dir"), device=device,
                                           precision=str(settings.get("precision") or "auto"),
                                           max_batch=max(1, int(properties.get("batch_size") or 1)),
-                                          max_pixels=settings.get("max_pixels"))
+                                          max_pixels=settings.get("max_pixels"),
+                                          uncertainty={k: settings.get(k) for k in ("min_confidence", "max_distance")})
         manifest = (getattr(context, "manifest", None) or {}).get("model") or {}
         self.classifier.model_version = str(manifest.get("modelVersion") or self.classifier.model_version)
         self.model_name = str(manifest.get("modelName") or getattr(context, "model_name", None) or self.model_name)

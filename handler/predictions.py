@@ -16,20 +16,29 @@ def clamp_top_k(requested: int | None, num_classes: int, default: int = DEFAULT_
 
 
 def format_predictions(probs: torch.Tensor, labels: Sequence[str], ks: Sequence[int], model_version: str | None,
-                       precision: str = "fp32") -> list[dict]:
-    """One JSON-ready dict per row of ``probs`` (N x classes), with its own ``k``."""
+                       precision: str = "fp32", uncertain: Sequence[bool] | None = None,
+                       ood_scores: Sequence[float] | None = None) -> list[dict]:
+    """One JSON-ready dict per row of ``probs`` (N x classes), with its own ``k``.
+
+    ``uncertain``: the uncertainty rule's verdict per row (the label is given either way); ``ood_scores``: the
+    distance it was judged on (None where the model has no feature statistics).
+    """
     if len(ks) != probs.shape[0]:
         raise ValueError(f"{len(ks)} k values for {probs.shape[0]} rows")
     max_k = max(ks) if ks else 1
     top_p, top_i = torch.topk(probs, k=max_k, dim=1)
     top_p, top_i = top_p.tolist(), top_i.tolist()
+    flags = list(uncertain) if uncertain is not None else [False] * len(ks)
+    scores = list(ood_scores) if ood_scores is not None else [None] * len(ks)
     results = []
-    for row_p, row_i, k in zip(top_p, top_i, ks, strict=True):
+    for row_p, row_i, k, flag, score in zip(top_p, top_i, ks, flags, scores, strict=True):
         top = [{"label": labels[i], "index": i, "probability": p} for p, i in zip(row_p[:k], row_i[:k], strict=True)]
         results.append({
             "label": top[0]["label"],
             "index": top[0]["index"],
             "confidence": top[0]["probability"],
+            "uncertain": bool(flag),
+            "ood_score": None if score is None or score != score else round(float(score), 3),
             "top_k": top,
             "model_version": model_version,
             "precision": precision,

@@ -184,7 +184,10 @@ def test_served_model_is_torchscript():
     artifacts = (ROOT / "handler" / "artifacts.py").read_text(encoding="utf-8")
     assert "torch.jit.load(" in artifacts
     for path in source_files(("handler",)):
-        assert "torch.load(" not in path.read_text(encoding="utf-8"), f"{path}: the handler loads TorchScript only"
+        text = path.read_text(encoding="utf-8")
+        assert "torch.load(" not in text, f"{path}: the handler loads TorchScript only"
+        # arrays it reads (the uncertainty statistics) are plain .npz, never pickle
+        assert all("allow_pickle=False" in call for call in re.findall(r"np\.load\([^)]*\)", text)), path
 
 
 def test_pil_decompression_bomb_guard_is_never_switched_off():

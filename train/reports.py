@@ -113,3 +113,63 @@ def plot_confident_errors(
     fig.savefig(path)
     plt.close(fig)
     return len(order)
+
+
+def plot_reliability(probabilities: torch.Tensor, targets: torch.Tensor, path: Path, title: str,
+                     bins: int = 15) -> None:
+    """Accuracy against calibrated confidence, bin by bin (the diagonal is perfect calibration), with how many
+    images fall in each bin underneath."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confidence, predicted = probabilities.max(dim=1)
+    correct = (predicted == targets).double()
+    edges = torch.linspace(0, 1, bins + 1)
+    centres, accuracy, mean_conf, counts = [], [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > lo) & (confidence <= hi)
+        counts.append(int(inside.sum()))
+        if inside.any():
+            centres.append(float((lo + hi) / 2))
+            accuracy.append(float(correct[inside].mean()))
+            mean_conf.append(float(confidence[inside].mean()))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), dpi=110, height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    top.plot(mean_conf, accuracy, "o-", label="this model")
+    top.set_ylabel("accuracy")
+    top.set_title(title)
+    top.legend(loc="upper left")
+    bottom.bar(((edges[:-1] + edges[1:]) / 2).numpy(), counts, width=1 / bins * 0.9)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("calibrated confidence")
+    bottom.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_score_histograms(scores: dict[str, torch.Tensor], threshold: float, path: Path, title: str) -> None:
+    """The out-of-distribution score of each set of images, and the threshold above which answers are flagged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = torch.cat([s[torch.isfinite(s)] for s in scores.values()]).clamp(min=1e-3)
+    bins = torch.logspace(math.log10(float(finite.min())), math.log10(float(finite.max())), 60).numpy()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for name, values in scores.items():
+        flagged = float((values > threshold).double().mean())
+        ax.hist(values.clamp(min=1e-3).numpy(), bins=bins, histtype="step", linewidth=1.6, density=True,
+                label=f"{name} ({len(values)}): {flagged:.1%} beyond")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"max_distance {threshold:.0f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("squared Mahalanobis distance to the nearest class mean")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

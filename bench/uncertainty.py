@@ -1,0 +1,182 @@
+"""Which out-of-distribution score to ship, and what the shipped rule does: measured on inputs made or found here.
+
+    .venv/bin/python -m bench.uncertainty --run runs/<run> [--report-test]
+
+Sets (never Fruits-360 Test for choosing): the run's validation split (in distribution: must stay answered);
+each shift of ``train/ood.py`` applied to validation images (background, small and off-centre, light, blur and
+JPEG, all together); composites of several fruits; textures with no fruit; and real photos that are not fruit,
+from the sample images scikit-image and matplotlib ship (crops at several scales). Scores compared: the
+calibrated top probability, the energy score and the Mahalanobis distance of the penultimate features, each
+at thresholds that leave 0.5 %, 1 % and 2 % of validation flagged; then the shipped rule (confidence or
+distance, thresholds from the run's metadata). ``--report-test`` adds Fruits-360 Test, once the choice is made:
+answered share and accuracy among the answered, for the shipped rule and for plain top probability.
+Writes ``bench/results/uncertainty.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+from pathlib import Path
+
+import torch
+from fruitserve.handler.classifier import Classifier, load_classifier
+from fruitserve.handler.preprocessing import decode_image, resize_and_crop, to_uint8_tensor
+from fruitserve.train import data as datasets
+from fruitserve.train.ood import CONDITIONS, composite, texture
+from fruitserve.train.uncertainty import augmented
+from PIL import Image
+
+from bench.report import DEFAULT_IMAGES, save_results
+
+VALIDATION_FLAG_RATES = (0.005, 0.01, 0.02)
+
+
+def sample_photos(count: int, seed: int) -> list[Image.Image]:
+    """Real photos that are not fruit: the sample images two installed packages ship, cropped at random."""
+    sources = []
+    try:
+        from skimage import data as skdata
+
+        for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field",
+                     "immunohistochemistry", "colorwheel", "retina", "cat", "logo"):
+            try:
+                array = getattr(skdata, name)()
+            except Exception:  # noqa: BLE001 - some sample images are downloaded on demand: skipped here
+                continue
+            image = Image.fromarray(array[..., :3] if array.ndim == 3 else array).convert("RGB")
+            sources.append(image)
+    except ImportError:
+        pass
+    import matplotlib.cbook
+
+    for name in ("grace_hopper.jpg",):
+        try:
+            with matplotlib.cbook.get_sample_data(name) as handle:
+                sources.append(Image.open(io.BytesIO(handle.read())).convert("RGB"))
+        except (OSError, ValueError):
+            pass
+    if not sources:
+        return []
+    rng = random.Random(seed)
+    crops = []
+    for _ in range(count):
+        image = rng.choice(sources)
+        side = int(min(image.size) * rng.uniform(0.3, 1.0))
+        x, y = rng.randint(0, image.width - side), rng.randint(0, image.height - side)
+        crops.append(image.crop((x, y, x + side, y + side)).resize((100, 100), Image.BILINEAR))
+    return crops
+
+
+def to_batch(images: list[Image.Image], size: int) -> torch.Tensor:
+    return torch.stack([to_uint8_tensor(resize_and_crop(im, size)) for im in images])
+
+
+def scores_of(classifier: Classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every score, oriented so that higher means "more out of distribution"."""
+    logits, features = classifier.logits_and_features(images)
+    rule = classifier.uncertainty
+    calibrated = rule.calibrated(logits)
+    return {"top_probability": -calibrated.max(dim=1).values,
+            "energy": -rule.temperature * torch.logsumexp(logits / rule.temperature, dim=1),
+            "mahalanobis": rule.distance(features),
+            "shipped_rule": rule.uncertain(calibrated.max(dim=1).values, rule.distance(features)).float(),
+            "correct": calibrated.argmax(dim=1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--per-set", type=int, default=600, help="images in each out-of-distribution set")
+    parser.add_argument("--precision", default="auto", help="as served")
+    parser.add_argument("--report-test", action="store_true", help="also report on Fruits-360 Test")
+    parser.add_argument("--test-images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    classifier = load_classifier(args.run, device="cpu", precision=args.precision)
+    size = classifier.config.input_size
+    files = datasets.validation_of_run(classifier.metadata, classifier.labels)
+    validation = datasets.decode_images([p for p, _ in files], [t for _, t in files], classifier.config,
+                                        progress=False)
+    rng = random.Random(args.seed)
+    picks = [decode_image(p.read_bytes()) for p in rng.sample(validation.paths, min(args.per_set, len(files)))]
+    sets: dict[str, torch.Tensor] = {"validation": validation.images}
+    for name, shift in CONDITIONS.items():
+        if shift is not None:
+            shift_rng = random.Random(args.seed + 1)
+            sets[f"shift: {name}"] = to_batch([shift(im, shift_rng) for im in picks], size)
+    sets["composites"] = to_batch([composite(picks, rng) for _ in picks], size)
+    sets["textures"] = to_batch([texture((100, 100), rng) for _ in picks], size)
+    photos = sample_photos(len(picks), args.seed)
+    if photos:
+        sets["real non-fruit photos"] = to_batch(photos, size)
+
+    scored = {name: scores_of(classifier, images) for name, images in sets.items()}
+    augmented = augmented_validation(classifier, validation.images, validation.targets, args.seed)
+    results: dict = {"run": str(args.run), "precision": classifier.precision,
+                     "rule": {k: v for k, v in classifier.metadata.get("uncertainty", {}).items()
+                              if k in ("temperature", "min_confidence", "max_distance", "score")},
+                     "sets": {name: len(images) for name, images in sets.items()}, "methods": {}}
+    for method in ("top_probability", "energy", "mahalanobis"):
+        results["methods"][method] = {}
+        for rate in VALIDATION_FLAG_RATES:
+            threshold = float(torch.quantile(scored["validation"][method].double(), 1 - rate))
+            results["methods"][method][f"validation flagged {rate:.1%}"] = {
+                name: round(float((s[method] > threshold).double().mean()), 4) for name, s in scored.items()}
+    results["shipped_rule_flagged"] = {name: round(float(s["shipped_rule"].mean()), 4) for name, s in scored.items()}
+    results["augmented_validation"] = augmented
+    print("augmented validation:", augmented)
+    for method, rows in results["methods"].items():
+        for rate, row in rows.items():
+            print(f"{method:16s} {rate}: " + ", ".join(f"{k} {v:.1%}" for k, v in row.items()), flush=True)
+    print("shipped rule: " + ", ".join(f"{k} {v:.1%}" for k, v in results["shipped_rule_flagged"].items()))
+    if args.report_test:
+        results["test"] = report_test(classifier, args.test_images)
+        print("Test:", results["test"])
+    save_results("uncertainty", results)
+    return 0
+
+
+def augmented_validation(classifier: Classifier, images: torch.Tensor, targets: torch.Tensor, seed: int) -> dict:
+    """In distribution, but about as hard as Test: validation through the training augmentation (the set the
+    temperature is fitted on). How accurate the answers are when the shipped rule answers, and when plain top
+    probability answers the same share."""
+    images, targets = augmented(images, targets, classifier, seed)
+    logits, features = classifier.logits_and_features(images)
+    rule = classifier.uncertainty
+    probabilities = rule.calibrated(logits)
+    uncertain = rule.uncertain(probabilities.max(dim=1).values, rule.distance(features))
+    correct = probabilities.argmax(dim=1) == targets
+    answered = ~uncertain
+    raw = torch.softmax(logits, dim=1).max(dim=1).values
+    same_share = raw >= torch.quantile(raw, 1 - float(answered.double().mean()))
+    return {"images": len(targets), "accuracy": round(float(correct.double().mean()), 5),
+            "shipped_rule": {"answered": round(float(answered.double().mean()), 4),
+                             "accuracy_answered": round(float(correct[answered].double().mean()), 5),
+                             "errors_flagged": f"{int(uncertain[~correct].sum())}/{int((~correct).sum())}"},
+            "plain_top_probability_same_share": {"answered": round(float(same_share.double().mean()), 4),
+                                                 "accuracy_answered": round(float(correct[same_share].double().mean()), 5)}}
+
+
+def report_test(classifier: Classifier, folder: Path) -> dict:
+    """Fruits-360 Test, reported after the choice: answered share and accuracy among the answered."""
+    index = datasets.index_image_folder(folder, classifier.labels)
+    test = datasets.decode_images(index.paths, index.targets, classifier.config, progress=False)
+    prediction = classifier.predict(test.images)
+    correct = prediction.probabilities.argmax(dim=1) == test.targets
+    raw = torch.softmax(classifier.logits(test.images), dim=1).max(dim=1).values
+
+    def summary(answered: torch.Tensor) -> dict:
+        return {"answered": round(float(answered.double().mean()), 5),
+                "accuracy_answered": round(float(correct[answered].double().mean()), 5)}
+
+    return {"images": len(test.targets), "top1": round(float(correct.double().mean()), 5),
+            "shipped_rule": summary(~prediction.uncertain),
+            "errors_flagged": round(float(prediction.uncertain[~correct].double().mean()), 4),
+            "plain_top_probability_0.5": summary(raw >= 0.5), "plain_top_probability_0.7": summary(raw >= 0.7)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
