@@ -51,8 +51,9 @@ def work_tree_stays_clean() -> Iterator[None]:
     assert not left, f"the tests left these in the work tree: {left[:20]}"
 
 
+# tests/test_tracking.py turns tracking on where it is what the test is about
 TINY_TRAIN_ARGS = ["--input-size", "48", "--epochs", "6", "--batch-size", "32", "--lr", "3e-3", "--seed", "0",
-                   "--no-progress", "--patience", "6"]
+                   "--no-progress", "--patience", "6", "--no-tracking"]
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,7 +166,7 @@ def test_weights_file_is_loaded_and_checked(tmp_path: Path):
         build_model("resnet18", 5, tmp_path / "junk.pt")
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["make-demo-data"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["export"], ["calibrate"], ["make-demo-data"]])
 def test_cli_help(command):
     out = subprocess.run([sys.executable, "-m", "fruitserve.train.train", *command, "--help"], capture_output=True,
                          text=True, timeout=60)
@@ -174,3 +175,35 @@ def test_cli_help(command):
 
 def test_evaluate_missing_model_exits_2(tmp_path: Path, demo_data: Path):
     assert train_main(["evaluate", str(tmp_path / "model.pt"), str(demo_data / "Test")]) == 2
+
+
+def test_onnx_export_gives_the_torchscript_answers(trained_run: Path, demo_data: Path, tmp_path: Path):
+    onnxruntime = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    assert train_main(["export", str(run), "--format", "onnx"]) == 0
+    session = onnxruntime.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    classifier = load_classifier(run, device="cpu", precision="fp32")
+    config = classifier.config
+    index = datasets.index_image_folder(demo_data / "Test", classifier.labels)
+    images = datasets.decode_images(index.paths[::4], index.targets[::4], config, progress=False).images
+    for batch in (images, images[:1]):  # the batch dimension is dynamic
+        inputs = normalize(batch, config.mean, config.std)
+        onnx_probs = torch.softmax(torch.from_numpy(session.run(["logits"], {"images": inputs.numpy()})[0]), dim=1)
+        served = torch.softmax(classifier.logits(batch), dim=1)  # the graph's own softmax (not calibrated)
+        assert torch.equal(onnx_probs.argmax(1), served.argmax(1))
+        assert float((onnx_probs - served).abs().max()) <= 1e-4
+
+
+def test_calibrate_refits_an_existing_run_to_the_same_rule(trained_run: Path, tmp_path: Path):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    original = json.loads((run / "metadata.json").read_text())["uncertainty"]
+    meta = json.loads((run / "metadata.json").read_text())
+    del meta["uncertainty"]
+    (run / "metadata.json").write_text(json.dumps(meta))
+    (run / "feature_stats.npz").unlink()
+    assert train_main(["calibrate", str(run), "--no-progress"]) == 0
+    refitted = json.loads((run / "metadata.json").read_text())["uncertainty"]
+    assert (run / "feature_stats.npz").is_file()
+    for key in ("temperature", "max_distance", "min_confidence"):
+        assert refitted[key] == pytest.approx(original[key], rel=1e-6), key
+    assert refitted["out_of_distribution"] == original["out_of_distribution"]

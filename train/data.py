@@ -123,16 +123,22 @@ def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tupl
     return sorted(train_idx), sorted(val_idx)
 
 
-def validation_of_run(metadata: dict, classes: list[str]) -> list[tuple[Path, int]]:
-    """A trained run's own validation images (path, class id): its Training folder, split again by the run's seed
-    and fraction (or its ``--val-dir``), so that work after training (calibration, robustness) never looks at Test."""
+def splits_of_run(metadata: dict, classes: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """A trained run's own training and validation images (path, class id): its Training folder, split again by
+    the run's seed and fraction (or its ``--val-dir``), so that work after training (calibration, robustness)
+    uses what the run used, and never looks at Test."""
     training = metadata["training"]
-    if training.get("val_dir"):
-        index = index_image_folder(Path(training["val_dir"]), classes)
-        return list(zip(index.paths, index.targets, strict=True))
     index = index_image_folder(Path(metadata["dataset"]["train_root"]), classes)
-    _, val_idx = stratified_split(index.targets, float(training["val_fraction"]), int(training["seed"]))
-    return [(index.paths[i], index.targets[i]) for i in val_idx]
+    items = list(zip(index.paths, index.targets, strict=True))
+    if training.get("val_dir"):
+        val_index = index_image_folder(Path(training["val_dir"]), classes)
+        return items, list(zip(val_index.paths, val_index.targets, strict=True))
+    train_idx, val_idx = stratified_split(index.targets, float(training["val_fraction"]), int(training["seed"]))
+    return [items[i] for i in train_idx], [items[i] for i in val_idx]
+
+
+def validation_of_run(metadata: dict, classes: list[str]) -> list[tuple[Path, int]]:
+    return splits_of_run(metadata, classes)[1]
 
 
 def _load_one(path: Path, config: PreprocessConfig) -> torch.Tensor | str:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import json
 import logging
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,19 +28,29 @@ from fruitserve.handler.artifacts import (
     LABELS_FILE,
     METADATA_FILE,
     MODEL_FILE,
+    load_labels,
     load_metadata,
     load_torchscript,
     require_files,
 )
 from fruitserve.handler.classifier import PRECISIONS, Classifier, load_classifier, select_device, wrap_module
 from fruitserve.handler.errors import ModelDirError
-from fruitserve.handler.preprocessing import PreprocessConfig, normalize
+from fruitserve.handler.preprocessing import PreprocessConfig, decode_image, normalize, resize_and_crop, to_uint8_tensor
 
 from . import data as datasets
 from .model import ARCHES, build_model, eager_from_torchscript, export_onnx, export_torchscript, set_backbone_trainable
+from .ood import out_of_distribution
 from .presets import TrainAugment
-from .reports import classification_metrics, plot_confident_errors, plot_confusion_matrix
+from .reports import (
+    classification_metrics,
+    plot_confident_errors,
+    plot_confusion_matrix,
+    plot_reliability,
+    plot_score_histograms,
+)
 from .synthetic import make_demo_data
+from .tracking import CANDIDATE, NoTracker, Tracker, TrackingError, resolve_tracking_uri, start_tracking
+from .uncertainty import fit_rule
 from .utils import (
     autocast_dtype,
     git_commit,
@@ -85,6 +97,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     t.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (OMP_NUM_THREADS)")
     t.add_argument("--resume", type=Path, help="a run folder or its checkpoint.pt to continue")
+    t.add_argument("--tracking-uri", help="MLflow tracking store (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///mlflow.db beside --output-dir)")
+    t.add_argument("--no-tracking", action="store_true", help="do not log this run to MLflow")
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("evaluate", help="evaluate an exported model on an image folder",
@@ -103,6 +118,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     x.add_argument("run", type=Path, help="a training run folder")
     x.add_argument("--format", default="onnx", choices=("onnx",),
                    help="onnx: model.onnx, dynamic batch, the same input and logits as model.pt (needs the onnx extra)")
+
+    c = sub.add_parser("calibrate", help="fit (again) the uncertainty rule of a trained run: temperature, feature "
+                                         "statistics, thresholds", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("run", type=Path, help="a training run folder (its Training folder must still be where it was)")
+    c.add_argument("--eval-batch-size", type=int, default=256)
+    c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    c.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("make-demo-data", help="draw a small synthetic fruit dataset (Training/ and Test/)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -233,25 +255,45 @@ def evaluate(classifier: Classifier, decoded: datasets.DecodedImages, progress_b
     """Metrics of ``classifier`` on cached uint8 images, through the same forward pass as serving."""
     start = time.perf_counter()
     step = classifier.max_batch
-    logits = torch.cat([classifier.logits(decoded.images[i:i + step])
-                        for i in progress(range(0, len(decoded.images), step), desc="evaluate", unit="batch",
-                                          disable=not progress_bar)])
+    outputs = [classifier.logits_and_features(decoded.images[i:i + step])
+               for i in progress(range(0, len(decoded.images), step), desc="evaluate", unit="batch",
+                                 disable=not progress_bar)]
+    logits, features = torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
     metrics = classification_metrics(logits, decoded.targets, classifier.labels)
     metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, decoded.targets))
+    metrics |= answered_metrics(classifier, logits, features, decoded.targets)
     metrics["eval_img_per_s"] = len(decoded.targets) / (time.perf_counter() - start)
     metrics["skipped_files"] = [str(p) for p, _ in decoded.skipped]
     return metrics, logits
 
 
+def answered_metrics(classifier: Classifier, logits: torch.Tensor, features: torch.Tensor,
+                     targets: torch.Tensor) -> dict:
+    """What the uncertainty rule does to a labelled set: how much is answered, and how accurate that is."""
+    rule = classifier.uncertainty
+    probabilities = rule.calibrated(logits)
+    uncertain = rule.uncertain(probabilities.max(dim=1).values, rule.distance(features))
+    answered = ~uncertain
+    correct = probabilities.argmax(dim=1) == targets
+    return {"answered": float(answered.double().mean()),
+            "accuracy_answered": float(correct[answered].double().mean()) if answered.any() else float("nan"),
+            "errors_flagged": float(uncertain[~correct].double().mean()) if (~correct).any() else float("nan")}
+
+
 def write_reports(out_dir: Path, name: str, metrics: dict, logits: torch.Tensor, decoded: datasets.DecodedImages,
-                  classes: list[str]) -> None:
+                  classifier: Classifier) -> None:
+    """The pictures: confusion matrix, the most confident mistakes, and the reliability diagram."""
+    classes = classifier.labels
     plot_confusion_matrix(metrics["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
                           f"{name}: top-1 {metrics['top1']:.2%}, macro-F1 {metrics['macro_f1']:.4f}")
     plot_confident_errors(decoded.paths, logits, decoded.targets, classes, out_dir / "confident_errors.png")
+    plot_reliability(classifier.uncertainty.calibrated(logits), decoded.targets, out_dir / "reliability.png",
+                     f"{name}: calibrated with temperature {classifier.uncertainty.temperature:.2f}")
 
 
 def summary(metrics: dict) -> dict:
-    keep = ("images", "top1", "top5", "macro_f1", "macro_precision", "macro_recall", "eval_img_per_s")
+    keep = ("images", "top1", "top5", "macro_f1", "macro_precision", "macro_recall", "answered", "accuracy_answered",
+            "eval_img_per_s")
     return {k: metrics[k] for k in keep if k in metrics}
 
 
@@ -285,7 +327,8 @@ def open_run(args: argparse.Namespace) -> tuple[Path, dict | None]:
     return run_dir, None
 
 
-def fit(setup: TrainingSetup, splits: Splits, run_dir: Path, state: Progress, args: argparse.Namespace) -> Progress:
+def fit(setup: TrainingSetup, splits: Splits, run_dir: Path, state: Progress, args: argparse.Namespace,
+        tracker: Tracker | NoTracker) -> Progress:
     """Epochs until ``--epochs`` or early stopping; ``best.pt`` keeps the best epoch by validation macro-F1, then loss."""
     validator = wrap_module(setup.model, splits.classes, setup.config, setup.device, args.eval_batch_size)
     start = time.perf_counter()
@@ -305,7 +348,9 @@ def fit(setup: TrainingSetup, splits: Splits, run_dir: Path, state: Progress, ar
             save_atomic(setup.model.state_dict(), run_dir / "best.pt")
         save_atomic(setup.state_dict() | {
             "epoch": epoch, "best_f1": state.best_f1, "best_loss": state.best_loss, "best_epoch": state.best_epoch,
-            "history": state.history, "model_version": state.model_version}, run_dir / "checkpoint.pt")
+            "history": state.history, "model_version": state.model_version, "tracking_run_id": tracker.run_id},
+            run_dir / "checkpoint.pt")
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         log.info("epoch %d: loss %.4f train acc %.4f | val top-1 %.4f macro-F1 %.4f loss %.4f%s | %.0f img/s, %.0f s",
                  epoch, row["train_loss"], row["train_acc"], row["val_top1"], row["val_macro_f1"], row["val_loss"],
                  " *" if improved else "", row["train_img_per_s"], row["epoch_seconds"])
@@ -327,6 +372,39 @@ def export(setup: TrainingSetup, splits: Splits, run_dir: Path) -> float:
     return export_diff
 
 
+OOD_IMAGES = 300  # of each kind, made from validation images
+
+
+def calibrate(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata: dict) -> dict:
+    """Fit the uncertainty rule on the exported model (``train/uncertainty.py``), check it on out-of-distribution
+    images made from validation images (``train/ood.py``), picture both, and record them in ``metadata.json``."""
+    classifier = load_classifier(run_dir, device=select_device(args.device), precision="fp32",
+                                 max_batch=args.eval_batch_size)
+    rule, section = fit_rule(classifier, splits.train.images, splits.train.targets, splits.val.images,
+                             splits.val.targets, run_dir, args.seed)
+    classifier.uncertainty = rule
+    rng = random.Random(args.seed)
+    originals = [decode_image(p.read_bytes(), classifier.config.max_pixels)
+                 for p in rng.sample(splits.val.paths, min(OOD_IMAGES, len(splits.val.paths)))]
+    scores = {"validation": classifier.predict(splits.val.images).distances}
+    rates = {}
+    for name, images in out_of_distribution(originals, len(originals), seed=args.seed).items():
+        batch = torch.stack([to_uint8_tensor(resize_and_crop(im, classifier.config.input_size)) for im in images])
+        prediction = classifier.predict(batch)
+        scores[name] = prediction.distances
+        rates[name] = {"images": len(images), "flagged": round(float(prediction.uncertain.double().mean()), 4)}
+    section["out_of_distribution"] = rates
+    plot_score_histograms(scores, rule.max_distance, run_dir / "uncertainty_scores.png",
+                          "validation vs images made to be out of distribution")
+    metadata["uncertainty"] = section
+    write_json_atomic(run_dir / METADATA_FILE, metadata)
+    log.info("uncertainty: temperature %.3f, uncertain below confidence %.2f or beyond distance %.1f; validation "
+             "answered %.2f%%; flagged: %s", section["temperature"], section["min_confidence"],
+             section["max_distance"], 100 * section["validation"]["answered"],
+             ", ".join(f"{k} {v['flagged']:.1%}" for k, v in rates.items()))
+    return metadata
+
+
 def report(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata: dict) -> dict:
     """Metrics and pictures from the exported model as it is served (``load_classifier``, fp32 here so the reported
     figures are the exported model's own), on validation and, when there is one, Test."""
@@ -343,12 +421,12 @@ def report(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata: di
     metrics[name], logits = evaluate(classifier, report_set, not args.no_progress)
     write_json_atomic(run_dir / "metrics.json", metrics)
     write_json_atomic(run_dir / METADATA_FILE, metadata | {"metrics": {split: summary(m) for split, m in metrics.items()}})
-    write_reports(run_dir, f"{args.arch} on {name}", metrics[name], logits, report_set, splits.classes)
+    write_reports(run_dir, f"{args.arch} on {name}", metrics[name], logits, report_set, classifier)
     return metrics
 
 
 def write_metadata(run_dir: Path, args: argparse.Namespace, setup: TrainingSetup, splits: Splits, state: Progress,
-                   export_diff: float) -> dict:
+                   export_diff: float, tracker: Tracker | NoTracker) -> dict:
     """``metadata.json``: what the model expects and how it was made. Written before the reports, which load the
     run as it is served; ``report`` adds the metrics."""
     metadata = {
@@ -361,6 +439,7 @@ def write_metadata(run_dir: Path, args: argparse.Namespace, setup: TrainingSetup
                     "skipped_files": len(splits.train.skipped) + len(splits.val.skipped),
                     "test_root": str(splits.test_root) if splits.test_root else None},
         "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
+        "tracking": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker.run_id else None,
         "epochs_run": len(state.history), "best_epoch": state.best_epoch, "train_seconds": round(state.train_seconds, 1),
         "device": str(setup.device), "torch_threads": torch.get_num_threads(),
         "train_autocast": str(setup.amp_dtype).removeprefix("torch.") if setup.amp_dtype else "float32",
@@ -372,6 +451,14 @@ def write_metadata(run_dir: Path, args: argparse.Namespace, setup: TrainingSetup
     return metadata
 
 
+def provenance_tags(args: argparse.Namespace, splits: Splits, setup: TrainingSetup, model_version: str) -> dict:
+    """What MLflow's run list should show about where a model came from."""
+    tags = {f"package.{name}": str(version) for name, version in package_versions().items()}
+    return tags | {"git_commit": git_commit() or "unknown", "dataset_fingerprint": splits.fingerprint,
+                   "dataset_root": str(splits.train_root), "model_version": model_version,
+                   "precision": str(setup.amp_dtype).removeprefix("torch.") if setup.amp_dtype else "float32"}
+
+
 def run_training(args: argparse.Namespace) -> Path:
     torch.set_num_threads(max(1, args.threads))
     device = select_device(args.device)
@@ -379,6 +466,8 @@ def run_training(args: argparse.Namespace) -> Path:
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = PreprocessConfig(input_size=args.input_size)
 
+    datasets.find_classes(datasets.resolve_layout(args.data)[0])  # a bad --data fails before anything else
+    tracker = start_tracking(resolve_tracking_uri(args.tracking_uri, args.output_dir), not args.no_tracking)
     splits = load_data(args, config)  # before the run folder exists: a bad --data leaves nothing behind
     run_dir, checkpoint = open_run(args)
     setup = make_setup(args, len(splits.classes), len(splits.train.targets), device, generator)
@@ -387,11 +476,28 @@ def run_training(args: argparse.Namespace) -> Path:
         setup.load_state_dict(checkpoint)
         state = Progress(checkpoint["model_version"], checkpoint["epoch"] + 1, checkpoint["best_f1"],
                          checkpoint.get("best_loss", float("inf")), checkpoint["best_epoch"], checkpoint["history"])
-
-    state = fit(setup, splits, run_dir, state, args)
-    export_diff = export(setup, splits, run_dir)
-    metadata = write_metadata(run_dir, args, setup, splits, state, export_diff)
-    metrics = report(run_dir, splits, args, metadata)
+    tracker.start(run_dir.name, vars(args) | {"command": "train"}, provenance_tags(args, splits, setup, state.model_version),
+                  resume_run_id=checkpoint.get("tracking_run_id") if checkpoint else None)
+    try:
+        state = fit(setup, splits, run_dir, state, args, tracker)
+        export_diff = export(setup, splits, run_dir)
+        metadata = write_metadata(run_dir, args, setup, splits, state, export_diff, tracker)
+        metadata = calibrate(run_dir, splits, args, metadata)
+        metrics = report(run_dir, splits, args, metadata)
+    except KeyboardInterrupt:
+        tracker.fail("KILLED")
+        raise
+    except Exception:
+        tracker.fail()
+        raise
+    tracker.log_metrics({f"{split}_{key}": value for split, m in metrics.items() for key, value in summary(m).items()
+                         if key != "images"}, step=len(state.history))
+    registered = tracker.finish(run_dir)
+    if registered is not None:
+        write_json_atomic(run_dir / METADATA_FILE, load_metadata(run_dir / METADATA_FILE) | {
+            "registry": {"name": registered.name, "version": registered.version, "alias": CANDIDATE}})
+        print(f"MLflow run {tracker.run_id} at {tracker.uri}; registered {registered.name} version "
+              f"{registered.version} as '{CANDIDATE}'")
 
     name = "test" if "test" in metrics else "validation"
     final = metrics[name]
@@ -427,11 +533,30 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     out = args.out or (args.model if args.model.is_dir() else args.model.parent) / f"eval-{args.data.resolve().name}"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", metrics)
-    write_reports(out, f"{args.data.name} ({classifier.precision})", metrics, logits, decoded, classifier.labels)
+    write_reports(out, f"{args.data.name} ({classifier.precision})", metrics, logits, decoded, classifier)
     print(f"reports: {out.resolve()}")
     print(f"top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"on {metrics['images']} images in {classifier.precision} ({len(decoded.skipped)} skipped)")
     return metrics
+
+
+def run_calibration(args: argparse.Namespace) -> dict:
+    """The uncertainty fit of ``train`` for a run that exists: older runs get it, a run's thresholds can be refitted."""
+    run = require_files(args.run, "a complete training run")
+    metadata = load_metadata(run / METADATA_FILE)
+    classes = load_labels(run / LABELS_FILE)
+    config = PreprocessConfig.from_metadata(metadata)
+    train_items, val_items = datasets.splits_of_run(metadata, classes)
+    decoded = [datasets.decode_images([p for p, _ in items], [t for _, t in items], config, desc=f"decode {name}",
+                                      progress=not args.no_progress)
+               for name, items in (("train", train_items), ("val", val_items))]
+    splits = Splits(classes, decoded[0], decoded[1], Path(metadata["dataset"]["train_root"]), None,
+                    metadata["dataset"].get("fingerprint", ""))
+    args.seed = int(metadata["training"].get("seed", 0))
+    metadata = calibrate(run, splits, args, metadata)
+    fitted = {k: metadata["uncertainty"][k] for k in ("temperature", "min_confidence", "max_distance")}
+    print(f"uncertainty fitted for {run}: {json.dumps(fitted)}")
+    return metadata
 
 
 def run_export(args: argparse.Namespace) -> Path:
@@ -467,9 +592,11 @@ def main(argv: list[str] | None = None) -> int:
             run_evaluation(args)
         elif args.command == "export":
             run_export(args)
+        elif args.command == "calibrate":
+            run_calibration(args)
         else:
             run_training(args)
-    except (datasets.DatasetError, ModelDirError, ValueError) as exc:
+    except (datasets.DatasetError, ModelDirError, TrackingError, ValueError) as exc:
         print(f"fruit-train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
