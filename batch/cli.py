@@ -26,7 +26,7 @@ Exit codes:
   3  server unreachable or not ready (rerun with --resume)
   130 interrupted (rerun with --resume)
 """
-ENGINES = ("server", "local")
+ENGINES = ("server", "local", "ray")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,17 @@ class ScoreOptions:
     precision: str = "auto"
     batch_size: int = 64
     workers: int | None = None
+    ray_address: str | None = None
+    gpus_per_worker: float = 0.0
+    min_confidence: float | None = None
+    max_distance: float | None = None
     quiet: bool = False
+
+    @property
+    def uncertainty(self) -> dict:
+        """Overrides of the model's fitted uncertainty thresholds (empty: the model's own)."""
+        return {k: v for k, v in (("min_confidence", self.min_confidence), ("max_distance", self.max_distance))
+                if v is not None}
 
     @property
     def mode(self) -> str:
@@ -72,7 +82,8 @@ def main() -> None:
 @click.argument("source", metavar="DIRECTORY")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--engine", type=click.Choice(ENGINES), default="server", show_default=True,
-              help="server: call TorchServe/KServe at --url; local: score in this process")
+              help="server: call TorchServe/KServe at --url; local: score in this process; ray: score on a Ray "
+                   "cluster (a local one unless --ray-address)")
 @click.option("--local", is_flag=True, help="short for --engine local")
 @click.option("--model", default=None,
               help="server mode: model name [fruit]; --local: a .mar, run folder or model.pt [model_store/fruit.mar]")
@@ -101,15 +112,30 @@ def main() -> None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="--local: auto = bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="--local batch size")
-@click.option("--workers", type=click.IntRange(0, 64), default=None,
-              help="--local decoding processes [0 on CPU, 4 on CUDA]")
+@click.option("--workers", type=click.IntRange(0, 4096), default=None,
+              help="--local: decoding processes [0 on CPU, 4 on CUDA]; --engine ray: actors [one per CPU, or per "
+                   "--gpus-per-worker GPUs, of the cluster]")
+@click.option("--ray-address", default=None, help="--engine ray: join this cluster (HOST:PORT of its head) instead "
+                                                    "of starting a local one")
+@click.option("--gpus-per-worker", type=click.FloatRange(0, 64), default=0.0, show_default=True,
+              help="--engine ray: GPUs each actor asks for (0: CPU actors)")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None,
+              help="uncertain below this calibrated confidence [the model's fitted threshold; server mode: can only "
+                   "flag more than the server does]")
+@click.option("--max-distance", type=click.FloatRange(0, None), default=None,
+              help="uncertain beyond this feature distance (ood_score) [the model's fitted threshold; server mode: "
+                   "can only flag more]")
 @click.option("--quiet", is_flag=True, help="no progress")
 def score(**options: object) -> None:
     """Score every image under DIRECTORY into OUT (CSV), one row per file.
 
     \b
-    Columns: path (relative to DIRECTORY), status (ok/error), label, confidence,
-    top_k (JSON), true_label, error, error_code, model_version, precision.
+    DIRECTORY is a folder, or a URL of an object store (s3://bucket/prefix; AWS_* variables as usual).
+
+    \b
+    Columns: path (relative to DIRECTORY), status (ok/error), label, confidence (calibrated),
+    uncertain (true: the model is out of its depth), ood_score, top_k (JSON), true_label, error,
+    error_code, model_version, precision.
     """
     try:
         code = run_score(ScoreOptions(**options))
@@ -120,9 +146,11 @@ def score(**options: object) -> None:
 
 
 def make_scorer(options: ScoreOptions):
-    """The engine that scores files: this process (``local``) or servers over HTTP (``server``)."""
+    """The engine that scores files: this process (``local``), a Ray cluster (``ray``) or servers over HTTP."""
     if options.mode == "local":
         return _local_scorer(options)
+    if options.mode == "ray":
+        return _ray_scorer(options)
     from fruitserve.model_store.torchserve_process import read_tokens
 
     from .remote import RemoteScorer
@@ -135,7 +163,7 @@ def make_scorer(options: ScoreOptions):
             raise UsageError(f"cannot read a token from {options.key_file}: {exc}") from None
     return RemoteScorer(list(options.urls), options.model or "fruit", token, options.concurrency, options.timeout,
                         retries=options.retries, top_k=options.top_k, protocol=options.protocol,
-                        host_header=options.host_header)
+                        host_header=options.host_header, uncertainty=options.uncertainty)
 
 
 def _local_scorer(options: ScoreOptions):
@@ -150,7 +178,8 @@ def _local_scorer(options: ScoreOptions):
     try:
         device = select_device(options.device)
         classifier = load_classifier(options.model or "model_store/fruit.mar", device=device,
-                                     precision=options.precision, max_batch=options.batch_size)
+                                     precision=options.precision, max_batch=options.batch_size,
+                                     uncertainty=options.uncertainty)
     except (ValueError, ModelDirError) as exc:
         raise UsageError(f"{options.model or 'model_store/fruit.mar'}: {exc}") from None
     # On CPU the forward pass already uses every core: decoding in the same process measured faster than one
@@ -158,6 +187,17 @@ def _local_scorer(options: ScoreOptions):
     workers = options.workers if options.workers is not None else (
         min(4, os.cpu_count() or 1) if device.type == "cuda" else 0)
     return LocalScorer(classifier, options.batch_size, workers, options.top_k)
+
+
+def _ray_scorer(options: ScoreOptions):
+    from .ray_engine import RayScorer
+
+    if options.protocol != "torchserve":
+        raise UsageError("--protocol chooses how to call a server; it cannot be combined with --engine ray")
+    try:
+        return RayScorer(Path(options.model or "model_store/fruit.mar"), options)
+    except ModelDirError as exc:
+        raise UsageError(f"{options.model or 'model_store/fruit.mar'}: {exc}") from None
 
 
 def run_score(options: ScoreOptions) -> int:
@@ -227,7 +267,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _counts(rows: dict[str, dict[str, str]]) -> str:
     ok = sum(r["status"] == "ok" for r in rows.values())
-    return f"{ok} ok, {len(rows) - ok} errors"
+    uncertain = sum(r["uncertain"] == "true" for r in rows.values())
+    return f"{ok} ok ({uncertain} uncertain), {len(rows) - ok} errors"
 
 
 def _truth(rows: dict[str, dict[str, str]], paths: list[str], labels_from_folders: bool | None,

@@ -13,11 +13,12 @@ import asyncio
 import base64
 import functools
 import json
+import os
 import queue
 import random
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
 from .errors import ServerUnavailable, UsageError
@@ -38,6 +39,13 @@ PROTOCOLS = ("torchserve", "kserve-v1", "kserve-v2")
 NETWORK_ERRORS = (OSError, EOFError, TimeoutError, ProtocolError, asyncio.LimitOverrunError)
 _DONE = object()
 FLUSH_DELAY = 0.005  # seconds
+# A/B switches (temporary, for docs/benchmark-log.md): FRUIT_BATCH_AB=no-outbox,no-readahead
+AB_OUTBOX = "no-outbox" not in os.environ.get("FRUIT_BATCH_AB", "")
+AB_READAHEAD = "no-readahead" not in os.environ.get("FRUIT_BATCH_AB", "")
+
+
+async def _nothing() -> None:
+    return None
 
 
 class BadAnswer(ValueError):
@@ -57,6 +65,7 @@ class RemoteScorer:
     top_k: int | None = None
     protocol: str = "torchserve"
     host_header: str | None = None
+    uncertainty: dict = field(default_factory=dict)  # --min-confidence / --max-distance: flag more than the server
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -211,7 +220,8 @@ class RemoteScorer:
                 upcoming: list[_Job | Result | None] = []
                 try:
                     outcome = await self._send(connections, job, stop,
-                                               functools.partial(self._read_ahead, upcoming, todo, source, stop))
+                                               functools.partial(self._read_ahead, upcoming, todo, source, stop)
+                                               if AB_READAHEAD else _nothing)
                 except (ServerUnavailable, UsageError) as exc:
                     # stop starting new files, but keep what the other lanes' requests in flight bring back
                     stop.set()
@@ -289,10 +299,20 @@ class RemoteScorer:
             if "error" in answer and "label" not in answer:  # KServe answers 200 and puts the image's error in its slot
                 code = answer.get("code")
                 return Result.failed(path, str(answer["error"])[:300], code if isinstance(code, int) else None)
-            return Result.ok(path, _checked_prediction(answer))
+            return Result.ok(path, flag_more(_checked_prediction(answer), self.uncertainty))
         except (BadAnswer, KeyError, TypeError, ValueError) as exc:
             message = str(exc) if isinstance(exc, BadAnswer) else f"unexpected {self.protocol} answer: {body[:200]!r}"
             return Result.failed(path, message)
+
+
+def flag_more(answer: dict, thresholds: dict) -> dict:
+    """``answer``, also flagged uncertain where the client's stricter thresholds say so (a client cannot see the
+    server's thresholds, so it can only add flags, never remove the server's)."""
+    score = answer.get("ood_score")
+    if answer["confidence"] < thresholds.get("min_confidence", 0.0) or (
+            score is not None and score > thresholds.get("max_distance", float("inf"))):
+        return answer | {"uncertain": True}
+    return answer
 
 
 def _checked_prediction(answer: dict) -> dict:
@@ -324,6 +344,9 @@ class _Outbox:
         self.pending: list[Result | BaseException | tuple[str, bytes]] = []
 
     def put(self, item: Result | BaseException | tuple[str, bytes]) -> None:
+        if not AB_OUTBOX:  # A/B switch (temporary): hand over each result at once
+            self.finished.put([self._parsed(item) if isinstance(item, tuple) else item])
+            return
         if not self.pending:
             # a few milliseconds gather the answers of a whole server-side batch: the other thread wakes once
             # for them, instead of competing for the GIL with this loop (and for the cores with the server)

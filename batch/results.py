@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-COLUMNS = ("path", "status", "label", "confidence", "top_k", "true_label", "error", "error_code", "model_version",
-           "precision")
+COLUMNS = ("path", "status", "label", "confidence", "uncertain", "ood_score", "top_k", "true_label", "error",
+           "error_code", "model_version", "precision")
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Result:
     status: str  # "ok" or "error"
     label: str = ""
     confidence: float | None = None
+    uncertain: bool | None = None
+    ood_score: float | None = None
     top_k: list[dict] = field(default_factory=list)
     true_label: str = ""
     error: str = ""
@@ -36,7 +38,9 @@ class Result:
 
     @classmethod
     def ok(cls, path: str, prediction: dict) -> Result:
-        return cls(path, "ok", prediction["label"], prediction["confidence"],
+        score = prediction.get("ood_score")
+        return cls(path, "ok", prediction["label"], prediction["confidence"], bool(prediction.get("uncertain")),
+                   None if score is None else float(score),
                    [{"label": t["label"], "probability": round(t["probability"], 6)} for t in prediction["top_k"]],
                    model_version=str(prediction.get("model_version") or ""),
                    precision=str(prediction.get("precision") or ""))
@@ -49,6 +53,8 @@ class Result:
         return {
             "path": self.path, "status": self.status, "label": self.label,
             "confidence": "" if self.confidence is None else f"{self.confidence:.6f}",
+            "uncertain": "" if self.uncertain is None else str(self.uncertain).lower(),
+            "ood_score": "" if self.ood_score is None else f"{self.ood_score:.3f}",
             "top_k": json.dumps(self.top_k, separators=(",", ":")) if self.top_k else "",
             "true_label": self.true_label, "error": " ".join(self.error.split()),  # one physical line per row
             "error_code": "" if self.error_code is None else str(self.error_code),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fruitserve.handler.preprocessing import IMAGE_EXTENSIONS, sniff_image_format
 
-from .errors import UsageError
+from .errors import ServerUnavailable, UsageError
 
 SNIFF_BYTES = 16
 
@@ -70,15 +70,127 @@ class LocalFolder:
         return (self.root / rel).read_bytes()
 
 
-Source = LocalFolder
+class SourceUnavailable(ServerUnavailable):
+    """The object store cannot be reached (exit 3, like a server: ``--resume`` once it is back)."""
+
+
+class RemoteFolder:
+    """Objects under a prefix of any filesystem fsspec knows (``s3://bucket/prefix``, ``gs://``, ``memory://``...).
+
+    For S3, credentials and the endpoint come from the standard AWS variables (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``...), as every AWS tool reads them. Picklable: Ray workers
+    and DataLoader processes open the filesystem again on their side, with their own environment.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._opened = None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteFolder) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url}  # not the open filesystem: it holds sockets and this process's credentials
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"])
+
+    @property
+    def _fs_and_root(self):
+        if self._opened is None:
+            import fsspec
+
+            # a filesystem of our own, not fsspec's shared instance: it reads the credentials as they are now
+            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **_storage_options(self.url))
+            self._opened = fs, root.rstrip("/")
+        return self._opened
+
+    def list(self) -> tuple[list[str], int]:
+        fs, root = self._fs_and_root
+        try:
+            keys = fs.find(root, withdirs=False)
+        except Exception as exc:  # noqa: BLE001 - each filesystem has its own errors: sorted out below
+            raise source_error(self.url, exc) from None
+        found, ignored = [], 0
+        for key in keys:
+            rel = key[len(root):].lstrip("/")
+            if not rel or any(part.startswith(".") for part in rel.split("/")):
+                continue
+            if is_image_name(rel) or self._sniff(fs, key):
+                found.append(rel)
+            else:
+                ignored += 1
+        if not found and not ignored and not fs.exists(root):
+            raise UsageError(f"{self.url}: no such bucket or prefix")
+        return sorted(found), ignored
+
+    @staticmethod
+    def _sniff(fs, key: str) -> bool:
+        try:
+            return sniff_image_format(fs.cat_file(key, start=0, end=SNIFF_BYTES)) is not None
+        except OSError:
+            return False
+
+    def read(self, rel: str) -> bytes:
+        fs, root = self._fs_and_root
+        try:
+            return fs.cat_file(f"{root}/{rel}")
+        except (FileNotFoundError, PermissionError) as exc:  # this object only: its error row
+            raise OSError(f"cannot read {rel}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the store itself: the run stops, --resume continues
+            raise source_error(self.url, exc) from None
+
+
+Source = LocalFolder | RemoteFolder
+
+
+def source_error(url: str, exc: BaseException) -> UsageError | SourceUnavailable:
+    """A store that says no (no bucket, bad credentials: exit 2) from one that cannot be reached (exit 3)."""
+    text = " ".join(str(exc).split())[:300]
+    if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
+        return UsageError(f"{url}: no such bucket or prefix ({text})")
+    if isinstance(exc, PermissionError) or any(code in text for code in CREDENTIAL_ERRORS):
+        return UsageError(f"{url}: access denied; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY ({text})")
+    return SourceUnavailable(f"{url}: the object store cannot be reached ({type(exc).__name__}: {text})")
+
+
+CREDENTIAL_ERRORS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
+                     "NoCredentialsError", "Unable to locate credentials")
+
+
+def _storage_options(url: str) -> dict:
+    """Bounded waits for S3: botocore's defaults retry for minutes against an endpoint that is down."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    # max_concurrency=1: one GET per object; the default sizes each file with a HEAD first (twice the requests)
+    return {"config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}},
+            "max_concurrency": 1}
 
 
 def open_source(location: str | os.PathLike) -> Source:
-    """The source a ``fruit-batch score`` argument names."""
-    root = Path(location)
+    """The source a ``fruit-batch score`` argument names: a URL with a scheme, or a local folder."""
+    text = str(location)
+    if "://" in text and not text.startswith("file://"):
+        try:
+            import fsspec
+
+            fsspec.get_filesystem_class(text.split("://", 1)[0])
+        except ImportError as exc:
+            raise UsageError(f"{text}: this filesystem needs a package that is not installed ({exc}); for s3:// "
+                             "pip install 'fruitserve[s3]'") from None
+        except ValueError as exc:
+            raise UsageError(f"{text}: {exc}") from None
+        return RemoteFolder(text.rstrip("/"))
+    root = Path(text.removeprefix("file://"))
     if not root.is_dir():
         raise UsageError(f"{location} is not a folder")
-    return LocalFolder(root)
+    return LocalFolder(root.absolute())  # absolute: Ray workers and DataLoader processes read it from elsewhere
 
 
 def folder_labels(paths: Iterable[str], classes: Iterable[str]) -> dict[str, str] | None:

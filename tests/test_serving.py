@@ -65,7 +65,9 @@ def test_prediction_json_equals_local_evaluation(server: TorchServe, trained_run
                             timeout=TIMEOUT)  # what `curl -T apple.jpg` sends
     assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"label", "index", "confidence", "top_k", "model_version", "precision"}
+    assert set(body) == {"label", "index", "confidence", "uncertain", "ood_score", "top_k", "model_version",
+                         "precision"}
+    assert isinstance(body["uncertain"], bool) and body["ood_score"] > 0
     # the handler's precision is "auto": bf16 where the CPU has native bf16, fp32 elsewhere
     assert body["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert len(body["top_k"]) == 3 and body["confidence"] == body["top_k"][0]["probability"]
