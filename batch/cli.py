@@ -245,6 +245,8 @@ def _score_locked(options: ScoreOptions, source: Source) -> int:
             f"{elapsed:.1f} s ({scored / max(elapsed, 1e-9):.1f} img/s)")
     if ignored:
         line += f"; {ignored} non-image files passed over"
+    if getattr(scorer, "startup_seconds", None) is not None:
+        line += f"; the first rows came after {scorer.startup_seconds:.1f} s (Ray and its actors starting)"
     accuracy = _accuracy(rows, truth, labels) if truth else None
     if accuracy:
         line += f"; accuracy {accuracy[0]:.4f}, macro-F1 {accuracy[1]:.4f} on {accuracy[2]} labelled images"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,11 +45,9 @@ class Connection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes = b"",
-                      while_waiting: Callable[[], Awaitable[None]] | None = None) -> Response:
-        """Send one request and read its whole answer; ``while_waiting`` runs once the request is sent. On any
-        error the connection is closed (the next request opens a new one), so a half-read answer can never be
-        taken for the next one's."""
+    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> Response:
+        """Send one request and read its whole answer. On any error the connection is closed (the next request
+        opens a new one), so a half-read answer can never be taken for the next one's."""
         if self._reader is not None and (self._reader.at_eof() or self._writer.is_closing()):
             self.close()  # the server closed it while it was idle (a keep-alive timeout): not worth a retry
         try:
@@ -60,8 +57,6 @@ class Connection:
                     self.connect_timeout)
             self._writer.write(encode_head(method, path, self.host_header, headers, len(body)) + body)
             await self._writer.drain()
-            if while_waiting is not None:
-                await while_waiting()
             response, keep_alive = await self._read_response()
         except BaseException:
             self.close()

@@ -29,6 +29,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ class RayScorer:
         self.model_path = model
         self.options = options
         self.address = options.ray_address
+        self.startup_seconds: float | None = None  # until the first rows: Ray, the actors, the model in each
         with model_dir(model) as folder:  # the classes, for the summary's accuracy; the actors load the model
             self.labels = load_labels(folder / LABELS_FILE)
         if self.address is not None:
@@ -105,6 +107,7 @@ class RayScorer:
             _stop(driver, finished)
 
     def _rows(self, driver, rows, stop: threading.Event) -> Iterator[Result]:
+        start = time.perf_counter()
         while not stop.is_set():
             try:
                 message = rows.get(timeout=0.5)
@@ -115,6 +118,8 @@ class RayScorer:
                 continue
             kind, payload = message
             if kind == "rows":
+                if self.startup_seconds is None:
+                    self.startup_seconds = time.perf_counter() - start
                 yield from (Result(**row) for row in payload)
             elif kind == "error":
                 exit_code, text = payload

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import json
-import os
 import queue
 import random
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
@@ -38,14 +36,7 @@ PROTOCOLS = ("torchserve", "kserve-v1", "kserve-v2")
 # (asyncio.IncompleteReadError is an EOFError) or not HTTP.
 NETWORK_ERRORS = (OSError, EOFError, TimeoutError, ProtocolError, asyncio.LimitOverrunError)
 _DONE = object()
-FLUSH_DELAY = 0.005  # seconds
-# A/B switches (temporary, for docs/benchmark-log.md): FRUIT_BATCH_AB=no-outbox,no-readahead
-AB_OUTBOX = "no-outbox" not in os.environ.get("FRUIT_BATCH_AB", "")
-AB_READAHEAD = "no-readahead" not in os.environ.get("FRUIT_BATCH_AB", "")
 
-
-async def _nothing() -> None:
-    return None
 
 
 class BadAnswer(ValueError):
@@ -118,14 +109,12 @@ class RemoteScorer:
             raise BadAnswer(f"unexpected {self.protocol} answer: {body[:200]!r}")
         return answer
 
-    async def _post(self, connections: dict[str, Connection], url: str, payload: bytes,
-                    while_waiting: Callable[[], Awaitable[None]] | None) -> Response:
+    async def _post(self, connections: dict[str, Connection], url: str, payload: bytes) -> Response:
         conn = connections.get(url)
         if conn is None:
             conn = connections[url] = Connection(url, self.connect_timeout)
         async with asyncio.timeout(self.timeout):
-            return await conn.request("POST", f"{urlsplit(url).path}{self.path}", self.headers, payload,
-                                      while_waiting)
+            return await conn.request("POST", f"{urlsplit(url).path}{self.path}", self.headers, payload)
 
     def _ready_paths(self) -> list[str]:
         # KServe answers its own readiness paths; TorchServe answers neither (404) but has /ping
@@ -169,21 +158,13 @@ class RemoteScorer:
         except OSError as exc:
             return Result.failed(rel, f"cannot read file: {exc.strerror or exc}")
 
-    async def _read_ahead(self, upcoming: list[_Job | Result | None], todo: Iterator[tuple[int, str]], source: Source,
-                          stop: threading.Event) -> None:
-        """Read the lane's next file into ``upcoming`` (once, on the first try to send this one)."""
-        if not upcoming:
-            await asyncio.sleep(0)  # the other lanes whose answers just came send their requests first
-            upcoming.append(self._job(todo, source, stop))
-
-    async def _send(self, connections: dict[str, Connection], job: _Job, stop: threading.Event,
-                    while_waiting: Callable[[], Awaitable[None]]) -> Response | Result:
+    async def _send(self, connections: dict[str, Connection], job: _Job, stop: threading.Event) -> Response | Result:
         """The server's 200 answer for ``job``, or its final error row, after as many tries as it takes."""
         last = ""
         for attempt in range(self.retries + 1):
             url = self.urls[(job.index + attempt) % len(self.urls)]
             try:
-                response = await self._post(connections, url, job.payload, while_waiting)
+                response = await self._post(connections, url, job.payload)
             except NETWORK_ERRORS as exc:
                 last = f"{url}: {type(exc).__name__}"
             else:
@@ -205,32 +186,23 @@ class RemoteScorer:
         raise ServerUnavailable(f"gave up on {job.path} after {self.retries + 1} attempts ({last})")
 
     async def _lane(self, todo: Iterator[tuple[int, str]], source: Source, stop: threading.Event,
-                    outbox: _Outbox) -> None:
-        """One file at a time, on this lane's own keep-alive connections, until the files or the run end. The
-        next file is read while the server works on this one, so that an answer is followed by the next request
-        at once: the server's next batch waits for the last of its requests."""
+                    finished: queue.SimpleQueue) -> None:
+        """One file at a time, on this lane's own keep-alive connections, until the files or the run end; each
+        result goes to the caller's thread as soon as it is known."""
         connections: dict[str, Connection] = {}
         try:
-            job = self._job(todo, source, stop)
-            while job is not None:
+            while (job := self._job(todo, source, stop)) is not None:
                 if isinstance(job, Result):
-                    outbox.put(job)
-                    job = self._job(todo, source, stop)
+                    finished.put([job])
                     continue
-                upcoming: list[_Job | Result | None] = []
                 try:
-                    outcome = await self._send(connections, job, stop,
-                                               functools.partial(self._read_ahead, upcoming, todo, source, stop)
-                                               if AB_READAHEAD else _nothing)
+                    outcome = await self._send(connections, job, stop)
                 except (ServerUnavailable, UsageError) as exc:
                     # stop starting new files, but keep what the other lanes' requests in flight bring back
                     stop.set()
-                    outbox.put(exc)
+                    finished.put([exc])
                     return
-                outbox.put(outcome if isinstance(outcome, Result) else (job.path, outcome.body))
-                if stop.is_set():  # a file read ahead is not started once the run stops: --resume scores it
-                    return
-                job = upcoming[0] if upcoming else self._job(todo, source, stop)
+                finished.put([outcome if isinstance(outcome, Result) else self._result(job.path, outcome.body)])
         finally:
             for conn in connections.values():
                 conn.close()
@@ -238,13 +210,12 @@ class RemoteScorer:
     async def _lanes(self, source: Source, paths: list[str], stop: threading.Event, closing: threading.Event,
                      finished: queue.SimpleQueue) -> None:
         todo = iter(enumerate(paths))
-        outbox = _Outbox(finished, self._result)
-        lanes = [asyncio.create_task(self._lane(todo, source, stop, outbox)) for _ in range(self.concurrency)]
+        lanes = [asyncio.create_task(self._lane(todo, source, stop, finished)) for _ in range(self.concurrency)]
 
         def failed(lane: asyncio.Task) -> None:  # a bug in a lane ends the run now, not when the others finish
             if not lane.cancelled() and lane.exception() is not None:
                 stop.set()
-                outbox.put(lane.exception())
+                finished.put([lane.exception()])
 
         for lane in lanes:
             lane.add_done_callback(failed)
@@ -254,11 +225,9 @@ class RemoteScorer:
                     lane.cancel()
             await asyncio.wait(lanes, timeout=0.1)
         await asyncio.sleep(0)  # the lanes' done callbacks run
-        outbox.flush()
 
     def score(self, source: Source, paths: list[str], stop: threading.Event) -> Iterator[Result]:
-        """Results in completion order; at most ``concurrency`` requests are in flight, and each lane holds one
-        more file read ahead (so at most twice that many files are in memory). The requests
+        """Results in completion order; at most ``concurrency`` requests (and files) are in flight. The requests
         run on one event loop in a helper thread; this thread only writes what comes back."""
         self.check_ready()
         finished: queue.SimpleQueue = queue.SimpleQueue()
@@ -332,39 +301,6 @@ class _Job:
     index: int  # the file's place in the run: which server it tries first
     path: str
     payload: bytes
-
-
-class _Outbox:
-    """What the lanes hand to the caller's thread: results, and the errors that end the run. Answers that arrive
-    together are parsed after every lane has sent its next request, and cross to the other thread in one put."""
-
-    def __init__(self, finished: queue.SimpleQueue, parse: Callable[[str, bytes], Result]) -> None:
-        self.finished = finished
-        self.parse = parse
-        self.pending: list[Result | BaseException | tuple[str, bytes]] = []
-
-    def put(self, item: Result | BaseException | tuple[str, bytes]) -> None:
-        if not AB_OUTBOX:  # A/B switch (temporary): hand over each result at once
-            self.finished.put([self._parsed(item) if isinstance(item, tuple) else item])
-            return
-        if not self.pending:
-            # a few milliseconds gather the answers of a whole server-side batch: the other thread wakes once
-            # for them, instead of competing for the GIL with this loop (and for the cores with the server)
-            asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
-        self.pending.append(item)
-
-    def flush(self) -> None:
-        if self.pending:
-            items, self.pending = self.pending, []
-            self.finished.put([self._parsed(item) if isinstance(item, tuple) else item for item in items])
-
-    def _parsed(self, answer: tuple[str, bytes]) -> Result | BaseException:
-        # this runs as a callback of the event loop, which would only log an exception and lose the row: a bug
-        # here goes to the other thread, which ends the run with it
-        try:
-            return self.parse(*answer)
-        except Exception as exc:  # noqa: BLE001
-            return exc
 
 
 def _next(finished: queue.SimpleQueue) -> object:

@@ -1,6 +1,6 @@
 """Batch-scoring benchmark on the full Fruits-360 Test split, all in one run:
 
-    .venv/bin/python -m bench.batch_scoring --run runs/<run> [--precision bf16]
+    .venv/bin/python -m bench.batch_scoring --run runs/<run> [--precision bf16] [--ray]
 
 1. the in-process ceiling (decode + preprocess + forward, same batch size, no CSV, no workers);
 2. ``fruit-batch score --local``, compared with (1);
@@ -68,6 +68,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--skip-server", action="store_true", help="only the ceiling and local mode")
+    parser.add_argument("--ray", action="store_true", help="also --engine ray on a local Ray, against --local")
     args = parser.parse_args()
     files = sorted(args.images.rglob("*.jpg"))
     precision = resolve_precision(args.precision, torch.device("cpu"))
@@ -98,6 +99,26 @@ def main() -> int:
                             "accuracy": accuracy, "peak_rss_mib": round(peak), "summary": err.strip().splitlines()[-1]}
         results["local_vs_ceiling"] = round(results["local"]["in_loop_img_per_s"] / results["ceiling_img_per_s"], 3)
         results["local_wall_vs_ceiling"] = round(results["local"]["img_per_s"] / results["ceiling_img_per_s"], 3)
+        if args.ray:
+            wall, err, _ = timed([str(BIN / "fruit-batch"), "score", str(args.images), str(tmp_path / "ray.csv"),
+                                  "--engine", "ray", "--model", str(store / "fruit.mar"), "--precision", precision,
+                                  "--batch-size", str(args.batch_size), "--quiet"])
+            rows, accuracy = csv_accuracy(tmp_path / "ray.csv")
+            # Ray's start (cluster, actors, model load in each) falls inside its scoring loop
+            results["ray"] = {"img_per_s": round(len(files) / wall, 1), "wall_s": round(wall, 1), "rows": rows,
+                              "in_loop_img_per_s": _in_loop_rate(err), "accuracy": accuracy,
+                              "summary": err.strip().splitlines()[-1]}
+            results["ray_vs_local_wall"] = round(results["ray"]["img_per_s"] / results["local"]["img_per_s"], 3)
+            results["ray_vs_local_in_loop"] = round(results["ray"]["in_loop_img_per_s"]
+                                                    / results["local"]["in_loop_img_per_s"], 3)
+            startup = re.search(r"first rows came after ([\d.]+) s", err)
+            if startup:  # the rate once Ray and its actors are up: what a longer run tends to
+                seconds = len(files) / results["ray"]["in_loop_img_per_s"] - float(startup.group(1))
+                results["ray"]["startup_s"] = float(startup.group(1))
+                results["ray"]["steady_img_per_s"] = round(len(files) / seconds, 1)
+                results["ray_steady_vs_local_in_loop"] = round(results["ray"]["steady_img_per_s"]
+                                                               / results["local"]["in_loop_img_per_s"], 3)
+            print("ray", json.dumps(results["ray"]), flush=True)
         print("local", json.dumps(results["local"]), flush=True)
         if args.skip_server:
             print(json.dumps(results, indent=2))

@@ -1,7 +1,7 @@
 """A/B of ``fruit-batch`` server-mode variants against one server, in alternating rounds.
 
     .venv/bin/python -m bench.client_ab --run runs/<run> \\
-        --variant "shipped=" --variant "c64=--concurrency 64" --variant "env:FRUIT_BATCH_AB=no-outbox"
+        --variant "shipped=" --variant "c64=--concurrency 64" --variant "nothreads=env:OMP_NUM_THREADS=1"
 
 A variant is ``NAME=ARGS`` (extra ``fruit-batch score`` arguments) or ``NAME=env:KEY=VALUE[,KEY=VALUE]`` (extra
 environment). One torchserve with the shipped configuration, warmed up; then every round runs each variant once,

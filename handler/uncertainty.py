@@ -30,8 +30,10 @@ class UncertaintyRule:
     temperature: float = 1.0
     min_confidence: float = 0.0
     max_distance: float | None = None  # None: no feature statistics (an older run); confidence only
-    class_means: torch.Tensor | None = None  # classes x D, float64
-    precision_matrix: torch.Tensor | None = None  # D x D, float64: the inverse of the shared covariance
+    # float32: float64 costed 4 % of a bf16 forward pass per batch (BENCHMARKS.md, Serving), for no change in the
+    # flags (distances in the thousands, thresholds far from float32's 7 digits)
+    class_means: torch.Tensor | None = None  # classes x D
+    precision_matrix: torch.Tensor | None = None  # D x D: the inverse of the shared covariance
 
     @classmethod
     def from_run(cls, metadata: dict, folder: str | os.PathLike, overrides: dict | None = None) -> UncertaintyRule:
@@ -43,7 +45,7 @@ class UncertaintyRule:
         stats_path = Path(folder) / FEATURE_STATS_FILE
         if fitted.get("max_distance") is not None and stats_path.is_file():
             with np.load(stats_path, allow_pickle=False) as stats:
-                means, precision = (torch.from_numpy(stats[k]).double() for k in ("class_means", "precision"))
+                means, precision = (torch.from_numpy(stats[k]).float() for k in ("class_means", "precision"))
             rule = replace(rule, max_distance=float(fitted["max_distance"]), class_means=means,
                            precision_matrix=precision)
         return rule.with_overrides(overrides or {})
@@ -62,7 +64,7 @@ class UncertaintyRule:
         """Squared Mahalanobis distance to the nearest class mean (N), or NaN without feature statistics."""
         if self.class_means is None or len(features) == 0:
             return torch.full((len(features),), float("nan"))
-        return mahalanobis(features.double(), self.class_means, self.precision_matrix).min(dim=1).values.float()
+        return mahalanobis(features.float(), self.class_means, self.precision_matrix).min(dim=1).values
 
     def uncertain(self, confidence: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
         flagged = confidence < self.min_confidence

@@ -256,10 +256,10 @@ def test_interrupt_ends_the_run_at_once_and_keeps_whole_rows(server: str, tmp_pa
     assert 8 <= len(rows) < 200 and all(r["status"] == "ok" and r["label"] == "Lime" for r in rows)
 
 
-@pytest.mark.parametrize("method", ["_result", "_read_ahead"])
+@pytest.mark.parametrize("method", ["_result", "_job"])
 def test_a_bug_ends_the_run_at_once(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str):
-    # _result runs in a callback of the event loop, which on its own would only log the exception, drop the rows
-    # and go on; _read_ahead runs in one lane, which on its own would end and leave the others going
+    # _result (parsing an answer) and _job (reading a file) run in one lane, which on its own would end and leave the
+    # others going
     original = getattr(RemoteScorer, method)
     calls = []
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from fruitserve.handler.artifacts import FEATURE_STATS_FILE
 from fruitserve.handler.classifier import Classifier
-from fruitserve.handler.uncertainty import UncertaintyRule, mahalanobis
+from fruitserve.handler.uncertainty import UncertaintyRule
 
 from .presets import TrainAugment
 
@@ -119,16 +119,14 @@ def fit_rule(classifier: Classifier, train_images: torch.Tensor, train_targets: 
     augmented_images, augmented_targets = augmented(val_images, val_targets, classifier, seed)
     augmented_logits = classifier.logits(augmented_images)
     temperature = fit_temperature(augmented_logits, augmented_targets)
+    measure = UncertaintyRule(class_means=stats["class_means"], precision_matrix=stats["precision"])
     other_frames, _ = augmented(val_images, val_targets, classifier, seed, geometric_only=True)
-    frame_distances = mahalanobis(classifier.logits_and_features(other_frames)[1].double(),
-                                  stats["class_means"].double(), stats["precision"].double()).min(dim=1).values
-    max_distance = float(torch.quantile(frame_distances, 1 - DISTANCE_FLAG_RATE))
-    distances = mahalanobis(val_features.double(), stats["class_means"].double(),
-                            stats["precision"].double()).min(dim=1).values
-    rule = UncertaintyRule(temperature, MIN_CONFIDENCE, max_distance, stats["class_means"].double(),
-                           stats["precision"].double())
+    frame_distances = measure.distance(classifier.logits_and_features(other_frames)[1])
+    max_distance = float(torch.quantile(frame_distances.double(), 1 - DISTANCE_FLAG_RATE))
+    distances = measure.distance(val_features)
+    rule = UncertaintyRule(temperature, MIN_CONFIDENCE, max_distance, stats["class_means"], stats["precision"])
     calibrated = rule.calibrated(val_logits)
-    flagged = rule.uncertain(calibrated.max(dim=1).values, distances.float())
+    flagged = rule.uncertain(calibrated.max(dim=1).values, distances)
     correct = calibrated.argmax(dim=1) == val_targets
     answered = ~flagged
     return rule, {"temperature": round(temperature, 5), "min_confidence": MIN_CONFIDENCE,
