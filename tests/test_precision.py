@@ -1,0 +1,91 @@
+"""bf16 gives fp32's answers: the graph the loader derives in bf16 against model.pt's fp32 graph, image by image.
+
+bf16 rounds every activation to 8 bits of mantissa, so a label may only change where fp32 itself hesitates between
+two classes. On the shipped model and the full Test split the two agreed on 99.983 % of top-1 labels, with at most
+0.029 between their probabilities (BENCHMARKS.md, Serving). Here: the demo model on its own Test images, on photos
+of real fruit (Fruits-360 Test, one per class, when ../shared has it) and on real-looking drawn fruit.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from fruitserve.handler.classifier import load_classifier
+from fruitserve.handler.preprocessing import load_uint8
+from fruitserve.train.ood import background, lighting
+from fruitserve.train.synthetic import CLASSES, draw_image
+
+from bench.report import DEFAULT_IMAGES
+
+# fp32 is sure of its label when the runner-up is this far behind: then bf16 must give the same label
+CLEAR_MARGIN = 0.05
+# the largest difference between the two precisions' probabilities for one class (measured: 0.029)
+MAX_PROBABILITY_DIFFERENCE = 0.05
+
+
+def real_fruit_photos(per_class: int = 1) -> list[bytes]:
+    """Fruits-360 Test photos, the first ``per_class`` of each class (sorted): the same set on every run."""
+    if not DEFAULT_IMAGES.is_dir():
+        pytest.skip(f"no Fruits-360 Test split at {DEFAULT_IMAGES}")
+    photos = []
+    for folder in sorted(p for p in DEFAULT_IMAGES.iterdir() if p.is_dir()):
+        photos += [f.read_bytes() for f in sorted(folder.glob("*.jpg"))[:per_class]]
+    return photos
+
+
+def drawn_fruit(per_class: int = 6) -> list[bytes]:
+    """New drawings of the demo classes (a seed training never used) under other light and on textured
+    backgrounds, saved as JPEG as a camera would."""
+    rng, photos = random.Random(1234), []
+    for class_name in CLASSES:
+        for i in range(per_class):
+            image = draw_image(class_name, rng)
+            image = (lighting if i % 2 else background)(image, rng)
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=85)
+            photos.append(buffer.getvalue())
+    return photos
+
+
+@pytest.fixture(scope="module")
+def both_precisions(trained_run: Path):
+    return (load_classifier(trained_run, device="cpu", precision="fp32"),
+            load_classifier(trained_run, device="cpu", precision="bf16"))
+
+
+def assert_same_answers(fp32, bf16, images: torch.Tensor) -> None:
+    p32 = torch.softmax(fp32.logits(images), dim=1)
+    p16 = torch.softmax(bf16.logits(images), dim=1)
+    assert float((p32 - p16).abs().max()) <= MAX_PROBABILITY_DIFFERENCE
+    top2 = p32.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > CLEAR_MARGIN
+    assert clear.sum() >= len(images) // 2, "the set must mostly be clear cases, or the test says little"
+    assert torch.equal(p32.argmax(1)[clear], p16.argmax(1)[clear])
+    # and overall, near ties included: at most one label in a hundred (one in a set of fewer) may differ
+    assert (p32.argmax(1) != p16.argmax(1)).sum() <= max(1, len(images) // 100)
+
+
+def test_bf16_answers_the_demo_test_split_as_fp32(both_precisions, demo_data: Path):
+    fp32, bf16 = both_precisions
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    files = sorted((demo_data / "Test").rglob("*.jpg"))
+    images = torch.stack([load_uint8(f.read_bytes(), fp32.config) for f in files])
+    assert_same_answers(fp32, bf16, images)
+
+
+@pytest.mark.parametrize("photos", [real_fruit_photos, drawn_fruit], ids=["fruits360-photos", "drawn-fruit"])
+def test_bf16_answers_real_looking_images_as_fp32(both_precisions, photos):
+    fp32, bf16 = both_precisions
+    images = torch.stack([load_uint8(data, fp32.config) for data in photos()])
+    assert_same_answers(fp32, bf16, images)
+
+
+def test_answers_say_which_precision_made_them(both_precisions, demo_data: Path):
+    fp32, bf16 = both_precisions
+    image = load_uint8(next((demo_data / "Test").rglob("*.jpg")).read_bytes(), fp32.config)[None]
+    assert fp32.answers(image, [3])[0]["precision"] == "fp32"
+    assert bf16.answers(image, [3])[0]["precision"] == "bf16"
