@@ -12,7 +12,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -112,15 +114,35 @@ def start_fruit_batch(*args: str) -> subprocess.Popen:
                              "score", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_rows(out: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Until OUT.csv holds more than ``count`` rows, while the fruit-batch ``process`` still runs."""
+def wait_until(ready: Callable[[], bool], what: str, *, timeout: float, interval: float = 0.2,
+               process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll ``ready()`` until it is true; fail with ``what`` after ``timeout`` s, or at once if ``process`` ends
+    first (with the tail of its ``log``). The one wait behind every server a test starts."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if out.exists() and out.read_text().count("\n") > count:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log is not None and log.is_file() else ""
+            raise AssertionError(f"{what}: the process exited with {process.returncode}\n{tail}")
+        if ready():
             return
-        assert process.poll() is None, "fruit-batch ended before it could be interrupted"
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} rows after {timeout} s")
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not after {timeout:.0f} s")
+
+
+def http_ok(url: str) -> bool:
+    """GET ``url`` answers 200 (a server still starting refuses the connection)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def wait_for_rows(out: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until OUT.csv holds more than ``count`` rows, while the fruit-batch ``process`` still runs."""
+    wait_until(lambda: out.exists() and out.read_text().count("\n") > count,
+               f"fruit-batch writing more than {count} rows before it is interrupted", timeout=timeout,
+               interval=0.05, process=process)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import jpeg_bytes, local_http_server, read_csv
+from conftest import jpeg_bytes, local_http_server, read_csv, wait_until
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.model_store.torchserve_process import TorchServe, _read_properties
 from fruitserve.train.synthetic import CLASSES
@@ -298,10 +297,8 @@ def test_torchserve_envelope_is_refused_naming_the_setting(model_store: Path, tm
     ts.start(wait=False)
     log = ts.workdir / "logs" / "model_log.log"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and "remove service_envelope" not in (
-                log.read_text(errors="replace") if log.is_file() else ""):
-            time.sleep(0.5)
+        wait_until(lambda: log.is_file() and "remove service_envelope" in log.read_text(errors="replace"),
+                   "the worker's refusal in model_log.log", timeout=180, interval=0.5)
         text = log.read_text(errors="replace")
         assert f"service_envelope={envelope} is set: remove service_envelope" in text
     finally:

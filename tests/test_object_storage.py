@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from click.testing import CliRunner
-from conftest import read_csv
+from conftest import http_ok, read_csv, wait_until
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.model_store.torchserve_process import TorchServe, free_port
 
@@ -47,16 +46,13 @@ class MotoServer:
         self.process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
                                         env=os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "4"},
                                         stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.root / "moto.log").read_text()[-2000:]
-            try:
-                if requests.get(f"{self.url}/moto-api/", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("moto_server did not come up")
+        try:
+            wait_until(lambda: http_ok(f"{self.url}/moto-api/"), "moto_server", timeout=60, process=self.process,
+                       log=self.root / "moto.log")
+        except AssertionError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.process is not None:

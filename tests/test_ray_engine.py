@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import jpeg_bytes, read_csv, start_fruit_batch, wait_for_rows
+from conftest import jpeg_bytes, read_csv, start_fruit_batch, wait_for_rows, wait_until
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.batch.sources import LocalFolder
 from fruitserve.model_store.torchserve_process import free_port
@@ -50,16 +50,18 @@ class RayHead:
             [str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
              "--include-dashboard=false", f"--num-cpus={self.cpus}", f"--temp-dir={self.temp_dir}", "--block"],
             env=os.environ | CLIENT_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "ray start --head exited"
+
+        def has_cpus() -> bool:
             status = subprocess.run([str(ray), "status", f"--address={self.address}"], env=os.environ | CLIENT_ENV,
                                     capture_output=True, text=True, timeout=60)
-            if status.returncode == 0 and "CPU" in status.stdout:
-                return self
-            time.sleep(1)
-        self.stop()
-        raise AssertionError("the Ray head did not come up")
+            return status.returncode == 0 and "CPU" in status.stdout
+
+        try:
+            wait_until(has_cpus, "ray start --head", timeout=180, interval=1, process=self.process)
+        except AssertionError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.process is not None:

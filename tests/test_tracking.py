@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import TINY_TRAIN_ARGS, jpeg_bytes
+from conftest import TINY_TRAIN_ARGS, http_ok, jpeg_bytes, wait_until
 from fruitserve.handler.classifier import load_classifier
 from fruitserve.handler.preprocessing import load_uint8
 from fruitserve.model_store.archive import main as archive_main
@@ -63,17 +63,13 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port",
              str(self.port), "--workers", "1"],
             env=os.environ | MLFLOW_ENV, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.root / "server.log").read_text()[-2000:]
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise AssertionError(f"mlflow server not healthy after {timeout} s")
+        try:
+            wait_until(lambda: http_ok(f"{self.url}/health"), "mlflow server", timeout=timeout, interval=0.5,
+                       process=self.process, log=self.root / "server.log")
+        except AssertionError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.process is None:

@@ -36,6 +36,9 @@ def test_mahalanobis_matches_the_definition_and_grows_away_from_the_data():
     points = torch.tensor([[5.0, 0, 0, 0], [0, 0, 6, 0]], dtype=torch.float64)
     direct = torch.stack([torch.stack([(p - m) @ precision @ (p - m) for m in means]) for p in points])
     torch.testing.assert_close(mahalanobis(points, means, precision), direct)
+    # the rule keeps each mean's own term from its construction: same distances
+    rule = UncertaintyRule(max_distance=1.0, class_means=means.float(), precision_matrix=precision.float())
+    torch.testing.assert_close(rule.distance(points.float()), direct.min(dim=1).values.float(), rtol=1e-4, atol=1e-3)
     near, far = mahalanobis(points, means, precision).min(dim=1).values
     assert near < 1 and far > 50  # a class mean vs a point 12 standard deviations out in a narrow direction
 
