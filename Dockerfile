@@ -29,8 +29,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH="/opt/venv/bin:${PATH}"
-# Only what serving needs: the handler inside fruit.mar imports torch, Pillow and NumPy; torchserve 0.12
-# imports PyYAML without declaring it. Versions as in pyproject.toml / the tested venv.
+# Only what serving needs: the handler inside fruit.mar imports torch, Pillow and NumPy, and ONNX Runtime for
+# the int8 graph (`precision: auto` serves it on CPUs with VNNI); torchserve 0.12 imports PyYAML without
+# declaring it. Versions as in pyproject.toml / constraints.txt (the tested venv).
 # Note: PyPI's default torch wheel for Linux x86_64 is the CUDA build, which pulls several GB of nvidia-*
 # wheels into the image although serving here is CPU-only. A CPU-only wheel index would shrink the image
 # a lot; it is left out on purpose, so the build needs nothing but the default package index.
@@ -40,7 +41,8 @@ RUN pip install --no-cache-dir \
         torchserve==0.12.0 \
         pyyaml==6.0.3 \
         pillow==13.0.0 \
-        numpy==2.4.6
+        numpy==2.4.6 \
+        onnxruntime==1.32.0
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG MAR=model_store/fruit.mar

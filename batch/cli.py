@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from fruitserve.handler.classifier import PRECISIONS
 from fruitserve.handler.errors import ModelDirError
 from fruitserve.train.utils import progress
 
@@ -109,8 +110,9 @@ def main() -> None:
               help="true label = first folder under DIRECTORY [default: when every folder names a known class]")
 @click.option("--resume", is_flag=True, help="keep the rows already in OUT and score only what is missing")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="--local: auto = bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
+              help="--local: auto = bf16 on CPUs with native bf16, fp16 on CUDA, else fp32; int8 needs the run's "
+                   "model.int8.onnx (fruit-train export --format int8)")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="--local batch size")
 @click.option("--workers", type=click.IntRange(0, 4096), default=None,
               help="--local: decoding processes [0 on CPU, 4 on CUDA]; --engine ray: actors [one per CPU, or per "

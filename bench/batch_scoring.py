@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from fruitserve.handler.classifier import resolve_precision
+from fruitserve.handler.classifier import int8_servable, resolve_precision
 from fruitserve.model_store.archive import build_archive
 from fruitserve.model_store.torchserve_process import TorchServe
 
@@ -71,7 +71,7 @@ def main() -> int:
     parser.add_argument("--ray", action="store_true", help="also --engine ray on a local Ray, against --local")
     args = parser.parse_args()
     files = sorted(args.images.rglob("*.jpg"))
-    precision = resolve_precision(args.precision, torch.device("cpu"))
+    precision = resolve_precision(args.precision, torch.device("cpu"), int8_servable(args.run))
     results: dict = {"images": len(files), "threads": torch.get_num_threads(), "precision": precision}
 
     payloads = [p.read_bytes() for p in files]

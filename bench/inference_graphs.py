@@ -4,11 +4,12 @@
 
 Every variant gets the same decoded uint8 batches (decoding is not timed: it is the same for all) and is timed
 from uint8 images to logits, normalisation included, at ``--batch`` images and ``--threads`` threads, in
-alternating rounds (the median is reported). Answers are compared with the fp32 TorchScript graph on every
-image of ``--images``: top-1 accuracy, macro-F1, the share of images with the same top-1 label, and the largest
-softmax difference. Variants: the served TorchScript graph in fp32 and bf16 (``load_classifier``), ONNX Runtime
-fp32 and int8 (static quantisation, calibrated on the run's validation images), and ``torch.compile`` of the eager
-model in bf16. Writes ``bench/results/inference_graphs.json``.
+alternating rounds (the median is reported), and on one image at a time (median ms: what a lone request waits).
+Answers are compared with the fp32 TorchScript graph on every image of ``--images``: top-1 accuracy, macro-F1, the
+share of images with the same top-1 label, and the largest softmax difference; for the served graphs, the share
+the uncertainty rule answers. Variants: the graphs ``load_classifier`` serves in fp32, bf16 and int8 (the run's
+``model.int8.onnx``, from ``fruit-train export --format int8``), ONNX Runtime fp32 of the plain model, and
+``torch.compile`` of the eager model in bf16. Writes ``bench/results/inference_graphs.json``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from fruitserve.handler.artifacts import load_torchscript
-from fruitserve.handler.classifier import cpu_has_native_bf16, load_classifier
+from fruitserve.handler.artifacts import INT8_MODEL_FILE, load_torchscript
+from fruitserve.handler.classifier import Classifier, cpu_has_native_bf16, load_classifier
 from fruitserve.handler.preprocessing import normalize
 from fruitserve.train import data as datasets
 from fruitserve.train.model import eager_from_torchscript, export_onnx
@@ -33,9 +34,8 @@ from bench.report import DEFAULT_IMAGES, save_results
 Forward = Callable[[torch.Tensor], torch.Tensor]  # uint8 N x 3 x S x S -> logits
 
 
-def torchscript(run: Path, precision: str, batch: int) -> Forward:
-    classifier = load_classifier(run, device="cpu", precision=precision, max_batch=batch)
-    return classifier.logits
+def served(run: Path, precision: str, batch: int) -> Classifier:
+    return load_classifier(run, device="cpu", precision=precision, max_batch=batch)
 
 
 def onnx_runtime(model_path: Path, mean, std, threads: int) -> Forward:
@@ -51,27 +51,6 @@ def onnx_runtime(model_path: Path, mean, std, threads: int) -> Forward:
         return torch.from_numpy(session.run(["logits"], {"images": inputs})[0])
 
     return forward
-
-
-def quantized_onnx(fp32_path: Path, calibration: torch.Tensor, mean, std, out: Path) -> Path:
-    """Static int8 (QDQ, per-channel weights): activations calibrated on validation images, never on Test."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([normalize(calibration[i:i + 32], mean, std).numpy()
-                                 for i in range(0, len(calibration), 32)])
-
-        def get_next(self) -> dict | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {"images": batch}
-
-    prepared = out.with_name("prepared.onnx")
-    quant_pre_process(str(fp32_path), str(prepared))
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
 
 
 def compiled_eager(run: Path, metadata: dict, mean, std) -> Forward:
@@ -91,6 +70,23 @@ def compiled_eager(run: Path, metadata: dict, mean, std) -> Forward:
 def logits_of(forward: Forward, images: torch.Tensor, batch: int) -> torch.Tensor:
     with torch.inference_mode():
         return torch.cat([forward(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def one_image_ms(forward: Forward, images: torch.Tensor, count: int = 100) -> float:
+    """Median ms of a forward of one image: what a request that arrives alone waits for the model."""
+    times = []
+    with torch.inference_mode():
+        for image in images[:count]:
+            start = time.perf_counter()
+            forward(image[None])
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def answered(classifier: Classifier, images: torch.Tensor, batch: int) -> float:
+    """The share of ``images`` the uncertainty rule answers (does not flag)."""
+    flags = torch.cat([classifier.predict(images[i:i + batch]).uncertain for i in range(0, len(images), batch)])
+    return float((~flags).double().mean())
 
 
 def timed(forward: Forward, batches: list[torch.Tensor]) -> float:
@@ -114,27 +110,26 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    reference = load_classifier(args.run, device="cpu", precision="fp32", max_batch=args.batch)
+    reference = served(args.run, "fp32", args.batch)
     labels, config, metadata = reference.labels, reference.config, reference.metadata
     index = datasets.index_image_folder(args.images, labels)
     decoded = datasets.decode_images(index.paths, index.targets, config, desc="decode", progress=False)
-    calibration_files = datasets.validation_of_run(metadata, labels)[::4]
-    calibration = datasets.decode_images([p for p, _ in calibration_files], [t for _, t in calibration_files],
-                                         config, desc="calibration", progress=False).images
 
     with tempfile.TemporaryDirectory(prefix="bench-graphs-") as tmp:
-        variants: dict[str, Forward] = {"torchscript fp32 (served)": reference.logits}
+        classifiers = {"torchscript fp32 (served)": reference}
         if cpu_has_native_bf16():
-            variants["torchscript bf16 (served)"] = torchscript(args.run, "bf16", args.batch)
+            classifiers["torchscript bf16 (served)"] = served(args.run, "bf16", args.batch)
+        if (args.run / INT8_MODEL_FILE).is_file():
+            classifiers["onnxruntime int8 (served, model.int8.onnx)"] = served(args.run, "int8", args.batch)
+        else:
+            print(f"no {INT8_MODEL_FILE} in {args.run}: int8 left out (fruit-train export {args.run} --format int8)")
+        variants: dict[str, Forward] = {name: c.logits for name, c in classifiers.items()}
         onnx_path = Path(tmp) / "model.onnx"
         size = config.input_size
         eager = eager_from_torchscript(load_torchscript(args.run / "model.pt", torch.device("cpu")),
                                        metadata["arch"], int(metadata["num_classes"]))
         export_onnx(eager, onnx_path, torch.zeros(2, 3, size, size))
         variants["onnxruntime fp32"] = onnx_runtime(onnx_path, config.mean, config.std, args.threads)
-        if "int8" not in args.skip:
-            int8 = quantized_onnx(onnx_path, calibration, config.mean, config.std, Path(tmp) / "int8.onnx")
-            variants["onnxruntime int8 (static, VNNI)"] = onnx_runtime(int8, config.mean, config.std, args.threads)
         if "compile" not in args.skip and cpu_has_native_bf16():
             start = time.perf_counter()
             variants["torch.compile bf16 (eager, inductor)"] = compiled_eager(args.run, metadata, config.mean,
@@ -152,6 +147,7 @@ def main() -> int:
         for _ in range(args.rounds):  # alternating rounds: each variant sees the same machine weather
             for name, forward in variants.items():
                 speeds[name].append(timed(forward, batches))
+        single = {name: one_image_ms(forward, timing) for name, forward in variants.items()}
 
         fp32_logits = logits_of(reference.logits, decoded.images, args.batch)
         fp32_probs = torch.softmax(fp32_logits, dim=1)
@@ -162,6 +158,9 @@ def main() -> int:
             probs = torch.softmax(logits.float(), dim=1)
             rows.append({"variant": name, "img_per_s": round(statistics.median(speeds[name]), 1),
                          "img_per_s_rounds": [round(v, 1) for v in speeds[name]],
+                         "one_image_ms": round(single[name], 2),
+                         "answered": (round(answered(classifiers[name], decoded.images, args.batch), 5)
+                                      if name in classifiers else None),
                          "top1": round(metrics["top1"], 5), "macro_f1": round(metrics["macro_f1"], 5),
                          "same_top1_as_fp32": round(float((probs.argmax(1) == fp32_probs.argmax(1)).double().mean()), 6),
                          "max_softmax_diff": round(float((probs - fp32_probs).abs().max()), 5)})

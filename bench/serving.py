@@ -3,9 +3,10 @@
     .venv/bin/python -m bench.serving --run runs/<run> [--images ../shared/data/fruits-360/Test]
 
 All of it is measured in one run on the same machine, with the same TorchScript model, batch size and threads:
-the in-process ceiling (decode + preprocess + forward through ``load_classifier``, no server) in fp32 and bf16;
-the served img/s and latency at each concurrency in fp32 and bf16 (two archives that differ only in the
-handler's ``precision`` setting); and the stock handler. Writes ``bench/results/serving.json``.
+the in-process ceiling (decode + preprocess + forward through ``load_classifier``, no server) in each precision
+(fp32; bf16 where the CPU has it; int8 where the run has ``model.int8.onnx``); the served img/s and latency at
+each concurrency in each precision (archives that differ only in the handler's ``precision`` setting); and the
+stock handler. Writes ``bench/results/serving.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 import psutil
 import torch
 import yaml
-from fruitserve.handler.classifier import cpu_has_native_bf16, load_classifier
+from fruitserve.handler.artifacts import INT8_MODEL_FILE
+from fruitserve.handler.classifier import PRECISIONS, cpu_has_native_bf16, load_classifier
 from fruitserve.handler.preprocessing import PreprocessConfig, load_uint8
 from fruitserve.model_store.archive import archiver_command, build_archive
 from fruitserve.model_store.torchserve_process import TorchServe
@@ -107,7 +109,9 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=2000, help="distinct JPEGs to cycle through")
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"])
+    parser.add_argument("--precisions", nargs="+", choices=[p for p in PRECISIONS if p != "auto"],
+                        help="default: fp32, bf16 where the CPU has native bf16, int8 where the run has "
+                             f"{INT8_MODEL_FILE}")
     parser.add_argument("--batch", type=int, default=SHIPPED["batchSize"])
     parser.add_argument("--delay", type=int, default=SHIPPED["maxBatchDelay"], help="maxBatchDelay in ms")
     parser.add_argument("--workers", type=int, default=SHIPPED["minWorkers"])
@@ -117,6 +121,8 @@ def main() -> int:
                         help="override a config.properties setting for every server (e.g. vmargs=...)")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.ts_config)
+    args.precisions = args.precisions or [
+        "fp32", *(["bf16"] if cpu_has_native_bf16() else []), *(["int8"] if (args.run / INT8_MODEL_FILE).is_file() else [])]
 
     payloads = sample_images(args.images, args.count)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
@@ -170,11 +176,11 @@ def summarise(results: dict, precisions: list[str]) -> dict:
         summary[precision]["served_vs_ceiling"] = round(at(f"ours_{precision}", top) / ours["ceiling_img_per_s"], 3)
         if "stock" in results and at("stock", top):
             summary[precision]["vs_stock"] = round(at(f"ours_{precision}", top) / at("stock", top), 2)
-    if {"fp32", "bf16"} <= set(precisions):
-        top = max(c["concurrency"] for c in results["ours_bf16"]["levels"])
-        summary["bf16_vs_fp32_served"] = round(at("ours_bf16", top) / at("ours_fp32", top), 3)
-        summary["bf16_vs_fp32_ceiling"] = round(results["ours_bf16"]["ceiling_img_per_s"]
-                                                / results["ours_fp32"]["ceiling_img_per_s"], 3)
+    for precision in [p for p in precisions if p != "fp32"] if "fp32" in precisions else []:
+        top = max(c["concurrency"] for c in results[f"ours_{precision}"]["levels"])
+        summary[f"{precision}_vs_fp32_served"] = round(at(f"ours_{precision}", top) / at("ours_fp32", top), 3)
+        summary[f"{precision}_vs_fp32_ceiling"] = round(results[f"ours_{precision}"]["ceiling_img_per_s"]
+                                                        / results["ours_fp32"]["ceiling_img_per_s"], 3)
     return summary
 
 

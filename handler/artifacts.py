@@ -24,7 +24,10 @@ METADATA_FILE = "metadata.json"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, METADATA_FILE)
 # Fitted after training (class means and covariance of the penultimate features); absent in older runs.
 FEATURE_STATS_FILE = "feature_stats.npz"  # plain arrays: read without pickle (allow_pickle=False)
-MODEL_FILES = (*REQUIRED_FILES, FEATURE_STATS_FILE)
+# Optional: the int8 graph (ONNX, statically quantised on the run's validation images by `fruit-train export
+# --format int8`). Shipped as a second file because quantising needs calibration images, which a server lacks.
+INT8_MODEL_FILE = "model.int8.onnx"
+MODEL_FILES = (*REQUIRED_FILES, FEATURE_STATS_FILE, INT8_MODEL_FILE)
 
 # torch 2.14 deprecates torch.jit; TorchScript is still the format TorchServe loads
 # without our code, so this one expected warning is filtered where we call it.

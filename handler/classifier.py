@@ -11,6 +11,7 @@ answers, then frozen. See BENCHMARKS.md, Serving, for what each step buys.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from fruitserve.handler.artifacts import (
+    INT8_MODEL_FILE,
     LABELS_FILE,
     METADATA_FILE,
     MODEL_FILE,
@@ -36,7 +38,7 @@ from fruitserve.handler.uncertainty import UncertaintyRule
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the parts of a torchvision ResNet, in the order its forward calls them
 RESNET_STEM = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
@@ -52,32 +54,54 @@ def select_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux), or None where /proc/cpuinfo cannot say."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split())
+    except OSError:
+        return None
+
+
 def cpu_has_native_bf16() -> bool:
     """oneDNN runs bf16 on any AVX-512 CPU, but only AVX-512 BF16 or AMX do it in hardware; elsewhere it is
     emulated and slower than fp32."""
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
-    except OSError:  # not Linux: trust oneDNN
-        return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    flags = cpu_flags()
+    return flags is None or bool(flags & {"avx512_bf16", "amx_bf16"})  # not Linux: trust oneDNN
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on a CPU with native bf16, fp16 on CUDA, fp32 elsewhere (an AVX2 CPU keeps fp32's speed)."""
+def cpu_has_vnni() -> bool:
+    """x86 int8 dot products in hardware (AVX-512 VNNI, AVX-VNNI, AMX). ONNX Runtime's uint8 x int8 kernels are
+    exact there; without VNNI they can saturate, so int8 is only chosen on a CPU that has it."""
+    return bool((cpu_flags() or set()) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def int8_servable(folder: Path) -> bool:
+    """``auto`` may pick int8: the model has its int8 graph, ONNX Runtime is installed and the CPU has VNNI."""
+    return (folder / INT8_MODEL_FILE).is_file() and importlib.util.find_spec("onnxruntime") is not None \
+        and cpu_has_vnni()
+
+
+def resolve_precision(precision: str, device: torch.device, int8_available: bool = False) -> str:
+    """``auto``: on a CPU, int8 where ``int8_available`` (see ``int8_servable``), else bf16 where the CPU has native
+    bf16, else fp32 (an AVX2 CPU keeps fp32's speed); fp16 on CUDA."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
+        if int8_available:
+            return "int8"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 is for CUDA; on a CPU use bf16 (where it has native bf16) or fp32")
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError("int8 runs on the CPU (ONNX Runtime); on CUDA use fp16")
     return precision
 
 
-class _InferenceGraph(torch.nn.Module):
+class ServingModule(torch.nn.Module):
     """uint8 NCHW images -> (logits, penultimate features), both float32; normalised and cast inside."""
 
     def __init__(self, net: torch.nn.Module, config: PreprocessConfig, dtype: torch.dtype) -> None:
@@ -115,9 +139,33 @@ def inference_graph(net: torch.nn.Module, config: PreprocessConfig, device: torc
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.filterwarnings("ignore", message=TORCHSCRIPT_DEPRECATION, category=FutureWarning)
         net = net.eval().to(device=device, dtype=DTYPES[precision])
-        traced = torch.jit.trace(_InferenceGraph(net, config, DTYPES[precision]).to(device).eval(), example,
+        traced = torch.jit.trace(ServingModule(net, config, DTYPES[precision]).to(device).eval(), example,
                                  check_trace=False)
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+class OnnxGraph:
+    """An ONNX Runtime session with the TorchScript graph's contract: uint8 images -> (logits, features).
+
+    For the int8 graph (``fruit-train export --format int8``): ONNX Runtime's int8 kernels (VNNI on x86) run a
+    batch of one several times faster than oneDNN's TorchScript (BENCHMARKS.md, Serving)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ModelDirError("precision int8 needs ONNX Runtime: pip install 'fruitserve[onnx]'") from None
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # ONNX Runtime's threads spin between runs by default; in a TorchServe worker that takes the cores the
+        # frontend and the next batch's decoding need: +23 % img/s at concurrency 32 without it (benchmark log)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = self.session.run(["logits", "features"], {"images": images.numpy()})
+        return torch.from_numpy(logits), torch.from_numpy(features)
 
 
 @dataclass
@@ -135,7 +183,7 @@ class Prediction:
 class Classifier:
     """A loaded model, ready to score batches of preprocessed uint8 images (``preprocessing.load_uint8``)."""
 
-    graph: torch.nn.Module  # uint8 N x 3 x S x S -> (logits, features)
+    graph: torch.nn.Module | OnnxGraph  # uint8 N x 3 x S x S -> (logits, features)
     labels: list[str]
     config: PreprocessConfig
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -192,17 +240,24 @@ def load_classifier(source: str | os.PathLike, *, device: str | torch.device = "
     ``uncertainty`` overrides the fitted thresholds (``min_confidence``, ``max_distance``).
     """
     device = select_device(device)
-    precision = resolve_precision(precision, device)
     with model_dir(source) as folder:
+        precision = resolve_precision(precision, device, int8_servable(folder))
         metadata = load_metadata(folder / METADATA_FILE)
         labels = load_labels(folder / LABELS_FILE)
-        scripted = load_torchscript(folder / MODEL_FILE, torch.device("cpu"))
         rule = UncertaintyRule.from_run(metadata, folder, uncertainty)
-    config = PreprocessConfig.from_metadata(metadata)
+        config = PreprocessConfig.from_metadata(metadata)
+        if precision == "int8":
+            if not (folder / INT8_MODEL_FILE).is_file():
+                raise ModelDirError(f"precision int8 needs {INT8_MODEL_FILE} beside {MODEL_FILE}: make it with "
+                                    "`fruit-train export RUN --format int8` (then archive the run again)")
+            graph = OnnxGraph(folder / INT8_MODEL_FILE, torch.get_num_threads())
+        else:
+            graph = inference_graph(load_torchscript(folder / MODEL_FILE, torch.device("cpu")), config, device,
+                                    precision)
     if max_pixels:
         config = PreprocessConfig(config.input_size, config.mean, config.std, int(max_pixels))
-    classifier = Classifier(inference_graph(scripted, config, device, precision), labels, config, device, precision,
-                            str(metadata.get("model_version")), metadata, max(1, max_batch), rule)
+    classifier = Classifier(graph, labels, config, device, precision, str(metadata.get("model_version")), metadata,
+                            max(1, max_batch), rule)
     classifier.check()
     log.info("fruit model %s on %s in %s: %d classes, input %d px; uncertain below calibrated confidence %.3f%s",
              classifier.model_version, device, precision, len(labels), config.input_size, rule.min_confidence,
@@ -214,4 +269,4 @@ def load_classifier(source: str | os.PathLike, *, device: str | torch.device = "
 def wrap_module(net: torch.nn.Module, labels: list[str], config: PreprocessConfig, device: torch.device,
                 max_batch: int = 256) -> Classifier:
     """An eager (training) model as a Classifier, in fp32, so validation during training runs the same path."""
-    return Classifier(_InferenceGraph(net, config, torch.float32), labels, config, device, "fp32", None, {}, max_batch)
+    return Classifier(ServingModule(net, config, torch.float32), labels, config, device, "fp32", None, {}, max_batch)

@@ -24,7 +24,15 @@ from pathlib import Path
 
 import fruitserve.handler as handler_pkg
 import requests
-from fruitserve.handler.artifacts import FEATURE_STATS_FILE, LABELS_FILE, METADATA_FILE, MODEL_FILE, load_metadata, require_files
+from fruitserve.handler.artifacts import (
+    FEATURE_STATS_FILE,
+    INT8_MODEL_FILE,
+    LABELS_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    load_metadata,
+    require_files,
+)
 from fruitserve.handler.errors import ModelDirError
 from fruitserve.train.tracking import CHAMPION, TrackingError
 
@@ -54,8 +62,7 @@ def build_archive(run_dir: Path, export_path: Path, model_name: str = "fruit", v
         package_root = Path(tmp) / "package"
         shutil.copytree(HANDLER_DIR, package_root / HANDLER_PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
         extra = [str(run_dir / LABELS_FILE), str(run_dir / METADATA_FILE), str(package_root)]
-        if (run_dir / FEATURE_STATS_FILE).is_file():
-            extra.append(str(run_dir / FEATURE_STATS_FILE))
+        extra += [str(run_dir / name) for name in (FEATURE_STATS_FILE, INT8_MODEL_FILE) if (run_dir / name).is_file()]
         cmd = [*archiver_command(), "--model-name", model_name, "--version", version,
                "--serialized-file", str(run_dir / MODEL_FILE), "--handler", str(HANDLER_FILE),
                "--extra-files", ",".join(extra), "--config-file", str(config_file),

@@ -52,7 +52,7 @@ echo
 
 echo "== 5. score $TEST_DIR with fruit-batch"
 fruit-batch score "$TEST_DIR" "runs/$RUN_NAME/scores.csv" --key-file key_file.json --concurrency 16
-echo "artifacts: runs/$RUN_NAME (model.pt, metrics.json, confusion_matrix.png, reliability.png, uncertainty_scores.png,"
+echo "artifacts: runs/$RUN_NAME (model.pt, model.int8.onnx, metrics.json, confusion_matrix.png, reliability.png, uncertainty_scores.png,"
 echo "           scores.csv); archive: model_store/fruit.mar"
 if [ -f mlflow.db ]; then
     echo "the run is tracked in MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"

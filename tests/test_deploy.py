@@ -107,6 +107,10 @@ def test_dockerfile_pins_base_and_serving_versions():
     builder_runs = " ".join(i.args for i in instructions(stages[0], "RUN"))
     for name in ("torch", "torchvision", "torchserve"):
         assert f"{name}=={pins[name]}" in builder_runs, f"the image installs {name}=={pins[name]} as pyproject.toml pins"
+    tested = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    for name in ("pillow", "numpy", "onnxruntime"):  # onnxruntime: the int8 graph `auto` serves on VNNI CPUs
+        assert f"{name}=={tested[name]}" in builder_runs, f"the image installs {name} as tested ({tested[name]})"
 
     runtime = stages[-1]
     runtime_runs = " ".join(i.args for i in instructions(runtime, "RUN"))

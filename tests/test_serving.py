@@ -17,7 +17,7 @@ import requests
 import torch
 from conftest import build_store, image_bytes, jpeg_bytes
 from fruitserve.handler.artifacts import load_labels, load_metadata
-from fruitserve.handler.classifier import load_classifier, resolve_precision
+from fruitserve.handler.classifier import int8_servable, load_classifier, resolve_precision
 from fruitserve.handler.preprocessing import load_uint8
 from fruitserve.model_store.archive import HANDLER_DIR, build_archive
 from fruitserve.model_store.archive import main as archive_main
@@ -68,8 +68,9 @@ def test_prediction_json_equals_local_evaluation(server: TorchServe, trained_run
     assert set(body) == {"label", "index", "confidence", "uncertain", "ood_score", "top_k", "model_version",
                          "precision"}
     assert isinstance(body["uncertain"], bool) and body["ood_score"] > 0
-    # the handler's precision is "auto": bf16 where the CPU has native bf16, fp32 elsewhere
-    assert body["precision"] == resolve_precision("auto", torch.device("cpu"))
+    # the handler's precision is "auto": int8 where the run has its int8 graph and the CPU VNNI, else bf16 where the
+    # CPU has native bf16, else fp32
+    assert body["precision"] == resolve_precision("auto", torch.device("cpu"), int8_servable(trained_run))
     assert len(body["top_k"]) == 3 and body["confidence"] == body["top_k"][0]["probability"]
     assert_same_prediction(body, local_predictions(trained_run, [payload], 3)[0])
 

@@ -70,19 +70,27 @@ def eager_from_torchscript(scripted: torch.jit.ScriptModule, arch: str, num_clas
     return model.eval()
 
 
-def export_onnx(model: torch.nn.Module, path: Path, example: torch.Tensor) -> None:
-    """ONNX with a dynamic batch dimension: input ``images`` (normalised float NCHW, as ``model.pt`` takes), output
-    ``logits``. torch.export-based (``dynamo=True``, the exporter torch recommends since 2.9; it needs onnxscript)."""
+def export_onnx(model: torch.nn.Module, path: Path, example: torch.Tensor,
+                outputs: tuple[str, ...] = ("logits",)) -> None:
+    """ONNX with a dynamic batch dimension: input ``images`` (for a torchvision model, normalised float NCHW, as
+    ``model.pt`` takes), outputs named ``outputs``. torch.export-based (``dynamo=True``, the exporter torch
+    recommends since 2.9; it needs onnxscript)."""
+    import inspect
     import logging
 
     batch = torch.export.Dim("batch", min=1, max=4096)
+    argument = next(iter(inspect.signature(model.forward).parameters))
     tmp = path.with_name(path.name + ".tmp")
-    quiet = logging.getLogger("torch.onnx")
-    level, quiet.level = quiet.level, logging.WARNING
+    # the exporter's passes log every step at INFO: keep them to warnings while it runs
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
     try:
         torch.onnx.export(model.to("cpu").eval(), (example.to("cpu"),), str(tmp), dynamo=True, external_data=False,
-                          input_names=["images"], output_names=["logits"], dynamic_shapes={"x": {0: batch}},
+                          input_names=["images"], output_names=list(outputs), dynamic_shapes={argument: {0: batch}},
                           verbose=False)
     finally:
-        quiet.level = level
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     tmp.replace(path)

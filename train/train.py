@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import importlib.util
 import json
 import logging
 import random
@@ -41,6 +42,7 @@ from . import data as datasets
 from .model import ARCHES, build_model, eager_from_torchscript, export_onnx, export_torchscript, set_backbone_trainable
 from .ood import out_of_distribution
 from .presets import TrainAugment
+from .quantize import CALIBRATION_IMAGES, quantize_run
 from .reports import (
     classification_metrics,
     plot_confident_errors,
@@ -100,6 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--tracking-uri", help="MLflow tracking store (default: $MLFLOW_TRACKING_URI, else "
                                           "sqlite:///mlflow.db beside --output-dir)")
     t.add_argument("--no-tracking", action="store_true", help="do not log this run to MLflow")
+    t.add_argument("--no-int8", action="store_true",
+                   help="do not write model.int8.onnx (the graph precision auto serves on CPUs with VNNI)")
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("evaluate", help="evaluate an exported model on an image folder",
@@ -116,8 +120,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a run's model in another format, next to its model.pt",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     x.add_argument("run", type=Path, help="a training run folder")
-    x.add_argument("--format", default="onnx", choices=("onnx",),
-                   help="onnx: model.onnx, dynamic batch, the same input and logits as model.pt (needs the onnx extra)")
+    x.add_argument("--format", default="onnx", choices=("onnx", "int8"),
+                   help="onnx: model.onnx, dynamic batch, the same input and logits as model.pt; int8: "
+                        "model.int8.onnx, the served graph quantised on the run's validation images, which "
+                        "precision int8 serves (both need the onnx extra)")
+    x.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES,
+                   help="int8: validation images to calibrate on")
+    x.add_argument("--no-progress", action="store_true")
 
     c = sub.add_parser("calibrate", help="fit (again) the uncertainty rule of a trained run: temperature, feature "
                                          "statistics, thresholds", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -375,6 +384,30 @@ def export(setup: TrainingSetup, splits: Splits, run_dir: Path) -> float:
 OOD_IMAGES = 300  # of each kind, made from validation images
 
 
+def quantize(run_dir: Path, splits: Splits, args: argparse.Namespace) -> Path | None:
+    """``model.int8.onnx`` (``train/quantize.py``), calibrated on validation images and checked on all of them;
+    skipped with ``--no-int8`` or without ONNX Runtime (the onnx extra)."""
+    if args.no_int8:
+        return None
+    if importlib.util.find_spec("onnxruntime") is None:
+        log.info("int8: ONNX Runtime is not installed (the onnx extra), so no model.int8.onnx; served in bf16/fp32")
+        return None
+    return export_int8_checked(run_dir, splits.val.images, CALIBRATION_IMAGES)
+
+
+def export_int8_checked(run_dir: Path, val_images: torch.Tensor, calibration_images: int) -> Path:
+    """Quantise ``run_dir``'s model on every k-th of ``val_images`` and say how often int8 keeps fp32's label."""
+    step = max(1, len(val_images) // max(1, calibration_images))
+    calibration = val_images[::step][:calibration_images]
+    path = quantize_run(run_dir, calibration)
+    fp32 = load_classifier(run_dir, device="cpu", precision="fp32").logits(val_images).argmax(dim=1)
+    int8 = load_classifier(run_dir, device="cpu", precision="int8").logits(val_images).argmax(dim=1)
+    agreement = float((fp32 == int8).double().mean()) if len(val_images) else float("nan")
+    print(f"wrote {path}: calibrated on {len(calibration)} validation images; the same top-1 label as fp32 on "
+          f"{agreement:.3%} of the {len(val_images)} validation images")
+    return path
+
+
 def calibrate(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata: dict) -> dict:
     """Fit the uncertainty rule on the exported model (``train/uncertainty.py``), check it on out-of-distribution
     images made from validation images (``train/ood.py``), picture both, and record them in ``metadata.json``."""
@@ -483,6 +516,7 @@ def run_training(args: argparse.Namespace) -> Path:
         export_diff = export(setup, splits, run_dir)
         metadata = write_metadata(run_dir, args, setup, splits, state, export_diff, tracker)
         metadata = calibrate(run_dir, splits, args, metadata)
+        quantize(run_dir, splits, args)
         metrics = report(run_dir, splits, args, metadata)
     except KeyboardInterrupt:
         tracker.fail("KILLED")
@@ -560,6 +594,21 @@ def run_calibration(args: argparse.Namespace) -> dict:
 
 
 def run_export(args: argparse.Namespace) -> Path:
+    return export_int8(args) if args.format == "int8" else export_plain_onnx(args)
+
+
+def export_int8(args: argparse.Namespace) -> Path:
+    """``model.int8.onnx`` for a trained run (one trained before int8 existed, or with ``--no-int8``)."""
+    run = require_files(args.run, "a complete training run")
+    metadata = load_metadata(run / METADATA_FILE)
+    classes = load_labels(run / LABELS_FILE)
+    items = datasets.validation_of_run(metadata, classes)
+    val = datasets.decode_images([p for p, _ in items], [t for _, t in items], PreprocessConfig.from_metadata(metadata),
+                                 desc="decode val", progress=not args.no_progress)
+    return export_int8_checked(run, val.images, args.calibration_images)
+
+
+def export_plain_onnx(args: argparse.Namespace) -> Path:
     """``model.onnx`` beside ``model.pt``, checked against it with ONNX Runtime on random inputs."""
     try:
         import onnxruntime
