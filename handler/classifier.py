@@ -6,7 +6,9 @@ all call ``load_classifier`` and ``Classifier.predict``, so they score the same 
 The exported ``model.pt`` stays the fp32 TorchScript a user can ``torch.jit.load`` anywhere. The graph that runs
 is derived from it here, at load time: normalisation folded in, the penultimate features returned next to the
 logits (the out-of-distribution score needs them), cast to the precision the device runs fastest at the same
-answers, then frozen. See BENCHMARKS.md, Serving, for what each step buys.
+answers, then frozen. The one exception is int8: its graph is the run's ``model.int8.onnx`` (quantising needs
+calibration images, so ``fruit-train`` makes it), run by ONNX Runtime with the same contract. See BENCHMARKS.md,
+Serving, for what each step buys.
 """
 
 from __future__ import annotations

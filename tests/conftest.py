@@ -20,9 +20,12 @@ from pathlib import Path
 
 import pytest
 from fruitserve.model_store.archive import build_archive
-from fruitserve.train.synthetic import draw_image, make_demo_data
+from fruitserve.train.ood import background, lighting
+from fruitserve.train.synthetic import CLASSES, draw_image, make_demo_data
 from fruitserve.train.train import main as train_main
 from PIL import Image
+
+from bench.report import DEFAULT_IMAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHES = {".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", "fruitserve.egg-info"}
@@ -165,3 +168,30 @@ def local_http_server(handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# --- real-looking images, for comparing precisions ---------------------------------------------------------
+
+
+def real_fruit_photos(per_class: int = 1) -> list[bytes]:
+    """Fruits-360 Test photos, the first ``per_class`` of each class (sorted): the same set on every run."""
+    if not DEFAULT_IMAGES.is_dir():
+        pytest.skip(f"no Fruits-360 Test split at {DEFAULT_IMAGES}")
+    photos = []
+    for folder in sorted(p for p in DEFAULT_IMAGES.iterdir() if p.is_dir()):
+        photos += [f.read_bytes() for f in sorted(folder.glob("*.jpg"))[:per_class]]
+    return photos
+
+
+def drawn_fruit(per_class: int = 6) -> list[bytes]:
+    """New drawings of the demo classes (a seed training never used) under other light and on textured
+    backgrounds, saved as JPEG as a camera would."""
+    rng, photos = random.Random(1234), []
+    for class_name in CLASSES:
+        for i in range(per_class):
+            image = draw_image(class_name, rng)
+            image = (lighting if i % 2 else background)(image, rng)
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=85)
+            photos.append(buffer.getvalue())
+    return photos

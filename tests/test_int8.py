@@ -1,8 +1,8 @@
 """int8: ``fruit-train export --format int8`` quantises the served graph; ``precision int8`` serves it.
 
 Static int8 rounds weights per output channel and activations to 256 levels calibrated on validation images, a
-coarser grid than bf16: on the shipped model and the full Test split it kept top-1 within 0.03 points of fp32, with
-at most 0.08 between their probabilities (BENCHMARKS.md, Serving). Here: the demo model, its export, its answers
+coarser grid than bf16: on the shipped model and the full Test split it kept top-1 to the digit (macro-F1 -0.003 points), with
+at most 0.066 between their probabilities (BENCHMARKS.md, Serving). Here: the demo model, its export, its answers
 against fp32's, and the graph served from ``fruit.mar`` by TorchServe and by ``fruit-batch --local``.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 from click.testing import CliRunner
-from conftest import jpeg_bytes, read_csv
+from conftest import drawn_fruit, jpeg_bytes, read_csv, real_fruit_photos
 from fruitserve.batch.cli import main as batch_main
 from fruitserve.handler.artifacts import INT8_MODEL_FILE
 from fruitserve.handler.classifier import cpu_has_native_bf16, cpu_has_vnni, load_classifier, resolve_precision
@@ -29,7 +29,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 # fp32 is sure of its label when the runner-up is this far behind: then int8 must give the same label
 CLEAR_MARGIN = 0.2
-# the largest difference between the two precisions' probabilities for one class (shipped model: 0.071)
+# the largest difference between the two precisions' probabilities for one class (shipped model: 0.066)
 MAX_PROBABILITY_DIFFERENCE = 0.15
 
 
@@ -68,6 +68,21 @@ def test_int8_answers_the_demo_test_split_as_fp32(int8_run: Path, demo_data: Pat
     f32, f8 = fp32.predict(images).features, int8.predict(images).features
     assert f8.shape == f32.shape
     assert float(torch.nn.functional.cosine_similarity(f32, f8).min()) > 0.95
+
+
+@pytest.mark.parametrize("photos", [real_fruit_photos, drawn_fruit], ids=["fruits360-photos", "drawn-fruit"])
+def test_int8_answers_real_looking_images_as_fp32(int8_run: Path, photos):
+    fp32 = load_classifier(int8_run, device="cpu", precision="fp32")
+    int8 = load_classifier(int8_run, device="cpu", precision="int8")
+    images = torch.stack([load_uint8(data, fp32.config) for data in photos()])
+    p32, p8 = fp32.predict(images).probabilities, int8.predict(images).probabilities
+    assert float((p32 - p8).abs().max()) <= MAX_PROBABILITY_DIFFERENCE
+    top2 = p32.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > CLEAR_MARGIN
+    # the demo model knows 7 drawn classes: on photos it often hesitates, and there a label may flip (6 of 141
+    # Fruits-360 photos did); where fp32 is clear, int8 must agree
+    assert clear.sum() >= len(images) // 3, "the set must hold enough clear cases, or the test says little"
+    assert torch.equal(p32.argmax(1)[clear], p8.argmax(1)[clear])
 
 
 def test_int8_needs_its_file_and_export_makes_it(run_without_int8: Path, capsys):

@@ -8,47 +8,18 @@ of real fruit (Fruits-360 Test, one per class, when ../shared has it) and on rea
 
 from __future__ import annotations
 
-import io
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import drawn_fruit, real_fruit_photos
 from fruitserve.handler.classifier import load_classifier
 from fruitserve.handler.preprocessing import load_uint8
-from fruitserve.train.ood import background, lighting
-from fruitserve.train.synthetic import CLASSES, draw_image
-
-from bench.report import DEFAULT_IMAGES
 
 # fp32 is sure of its label when the runner-up is this far behind: then bf16 must give the same label
 CLEAR_MARGIN = 0.05
 # the largest difference between the two precisions' probabilities for one class (measured: 0.029)
 MAX_PROBABILITY_DIFFERENCE = 0.05
-
-
-def real_fruit_photos(per_class: int = 1) -> list[bytes]:
-    """Fruits-360 Test photos, the first ``per_class`` of each class (sorted): the same set on every run."""
-    if not DEFAULT_IMAGES.is_dir():
-        pytest.skip(f"no Fruits-360 Test split at {DEFAULT_IMAGES}")
-    photos = []
-    for folder in sorted(p for p in DEFAULT_IMAGES.iterdir() if p.is_dir()):
-        photos += [f.read_bytes() for f in sorted(folder.glob("*.jpg"))[:per_class]]
-    return photos
-
-
-def drawn_fruit(per_class: int = 6) -> list[bytes]:
-    """New drawings of the demo classes (a seed training never used) under other light and on textured
-    backgrounds, saved as JPEG as a camera would."""
-    rng, photos = random.Random(1234), []
-    for class_name in CLASSES:
-        for i in range(per_class):
-            image = draw_image(class_name, rng)
-            image = (lighting if i % 2 else background)(image, rng)
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=85)
-            photos.append(buffer.getvalue())
-    return photos
 
 
 @pytest.fixture(scope="module")
