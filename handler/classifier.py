@@ -161,7 +161,7 @@ class OnnxGraph:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # ONNX Runtime's threads spin between runs by default; in a TorchServe worker that takes the cores the
-        # frontend and the next batch's decoding need: +23 % img/s at concurrency 32 without it (benchmark log)
+        # frontend and the next batch's decoding need (the A/B: docs/benchmark-log.md, 2026-11-30, night)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -34,8 +34,8 @@ class UncertaintyRule:
     # flags (distances in the thousands, thresholds far from float32's 7 digits)
     class_means: torch.Tensor | None = None  # classes x D
     precision_matrix: torch.Tensor | None = None  # D x D: the inverse of the shared covariance
-    # each mean's own term of the distance, m P m^T (C): computed once here, it was 3/4 of the distance's cost per
-    # batch (C x D x D multiply-adds against N x D x D for the batch's own)
+    # each mean's own term of the distance, m P m^T (C): computed once here, as it does not depend on the input and
+    # costs more than the batch's own part (C x D x D multiply-adds against N x D x D)
     mean_terms: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
