@@ -216,7 +216,8 @@ answer = json.load(open(sys.argv[1]))
 assert isinstance(answer.get("label"), str) and answer["label"], answer
 assert 0.0 <= answer["confidence"] <= 1.0, answer
 assert isinstance(answer["top_k"], list) and answer["top_k"] and answer["top_k"][0]["label"] == answer["label"], answer
-print(f"prediction: {answer['label']} ({answer['confidence']:.3f}), model_version {answer.get('model_version')}")
+print(f"prediction: {answer['label']} ({answer['confidence']:.3f}), model_version {answer.get('model_version')}, "
+      f"precision {answer.get('precision')}")
 EOF
 
     # every process in the container (tini, the launcher, Java, the worker) as the unprivileged user
