@@ -195,3 +195,18 @@ def drawn_fruit(per_class: int = 6) -> list[bytes]:
             image.save(buffer, "JPEG", quality=85)
             photos.append(buffer.getvalue())
     return photos
+
+
+def assert_labels_agree(reference, other, *, max_difference: float, clear_margin: float, clear_in: int,
+                        flips_in: int | None) -> None:
+    """Class probabilities (N x C) of another precision against fp32's: no probability further than
+    ``max_difference``; where fp32 is clear (its runner-up more than ``clear_margin`` behind), the same label; at
+    least one image in ``clear_in`` clear, or the test says little; and, near ties included, at most one label in
+    ``flips_in`` different (one in a smaller set), unless ``flips_in`` is None."""
+    assert float((reference - other).abs().max()) <= max_difference
+    top2 = reference.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > clear_margin
+    assert clear.sum() >= len(reference) // clear_in, "too few clear cases: the test would say little"
+    assert (reference.argmax(1)[clear] == other.argmax(1)[clear]).all()
+    if flips_in is not None:
+        assert (reference.argmax(1) != other.argmax(1)).sum() <= max(1, len(reference) // flips_in)
