@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fruitserve.handler.artifacts import INT8_MODEL_FILE, MODEL_FILE, load_metadata, load_torchscript
+from fruitserve.handler.artifacts import INT8_MODEL_FILE, METADATA_FILE, MODEL_FILE, load_metadata, load_torchscript
 from fruitserve.handler.classifier import ServingModule
 from fruitserve.handler.preprocessing import PreprocessConfig
 
@@ -37,7 +37,7 @@ def quantize_run(run: Path, calibration: torch.Tensor) -> Path:
         raise ValueError("int8 export needs the onnx extra: pip install 'fruitserve[onnx]'") from None
     if len(calibration) == 0:
         raise ValueError("no calibration images: the run's validation split is empty or unreadable")
-    metadata = load_metadata(run / "metadata.json")
+    metadata = load_metadata(run / METADATA_FILE)
     config = PreprocessConfig.from_metadata(metadata)
     eager = eager_from_torchscript(load_torchscript(run / MODEL_FILE, torch.device("cpu")), metadata["arch"],
                                    int(metadata["num_classes"]))

@@ -114,7 +114,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto = bf16 on CPUs with native bf16, fp16 on CUDA, else fp32 (as served)")
+                   help="auto = int8 on CPUs with VNNI when the model has model.int8.onnx, else bf16 on CPUs with "
+                        "native bf16, fp16 on CUDA, else fp32 (as served)")
     e.add_argument("--no-progress", action="store_true")
 
     x = sub.add_parser("export", help="write a run's model in another format, next to its model.pt",
