@@ -89,3 +89,14 @@ def test_synthetic_generator_is_deterministic(tmp_path):
     files_a = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
     assert len(files_a) == len(CLASSES) * 3
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+
+
+def test_frame_gaps_measure_distance_to_the_nearest_trained_frame_of_the_same_video() -> None:
+    from bench.frame_gaps import frames_by_video, gaps
+
+    names = ["0_100.jpg", "4_100.jpg", "r_10_100.jpg", "2_100.jpg", "r_30_100.jpg", "notes.txt"]
+    videos = frames_by_video([Path(n) for n in names], [0, 0, 0, 1, 0, 0])
+    assert videos == {(0, ""): [0, 4], (0, "r"): [10, 30], (1, ""): [2]}  # class and prefix make a video
+    trained = {(0, ""): [0, 4], (0, "r"): [10]}
+    held_out = {(0, ""): [1, 9], (0, "r"): [30], (1, ""): [2]}  # class 1 has no trained frame: skipped
+    assert sorted(gaps(held_out, trained)) == [1, 5, 20]

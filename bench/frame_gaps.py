@@ -1,0 +1,68 @@
+"""How far, in frames of its rotation video, each image lies from the nearest frame the model trained on.
+
+    .venv/bin/python -m bench.frame_gaps [--data ../shared/data/fruits-360] [--val-fraction 0.1] [--seed 0]
+
+Fruits-360 names every image ``[rN_]<frame>_100.jpg``: one video per class and prefix. The run's validation split
+(``train/data.stratified_split``, as ``fruit-train`` draws it) takes random frames, each with trained neighbours a
+few frames away; Test holds whole stretches of the same videos that Training lacks. So the uncertainty rule's
+distance threshold, fitted on validation, sees nearer views than Test brings. Reads file names only, never pixels.
+Writes ``bench/results/frame_gaps.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from fruitserve.train import data as datasets
+
+from bench.report import DEFAULT_IMAGES, save_results
+
+FRAME_NAME = re.compile(r"^(?:(r\d?)_)?(\d+)_100\.jpg$")
+Video = tuple[int, str]  # (class id, prefix)
+
+
+def frames_by_video(paths: list[Path], targets: list[int]) -> dict[Video, list[int]]:
+    videos: dict[Video, list[int]] = defaultdict(list)
+    for path, target in zip(paths, targets, strict=True):
+        match = FRAME_NAME.match(path.name)
+        if match:
+            videos[(target, match.group(1) or "")].append(int(match.group(2)))
+    return videos
+
+
+def gaps(frames: dict[Video, list[int]], trained: dict[Video, list[int]]) -> list[int]:
+    """For each frame, the distance in frames to the nearest trained frame of the same video (videos with none skipped)."""
+    return [min(abs(f - t) for t in trained[video]) for video, fs in frames.items() if trained.get(video) for f in fs]
+
+
+def summary(values: list[int]) -> dict:
+    cuts = statistics.quantiles(values, n=100)
+    return {"images": len(values), "median": cuts[49], "p90": cuts[89], "p99": cuts[98],
+            "share_over_8": round(sum(v > 8 for v in values) / len(values), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_IMAGES.parent)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    training = datasets.index_image_folder(args.data / "Training")
+    test = datasets.index_image_folder(args.data / "Test", training.classes)
+    train_idx, val_idx = datasets.stratified_split(training.targets, args.val_fraction, args.seed)
+    pick = lambda idx: ([training.paths[i] for i in idx], [training.targets[i] for i in idx])  # noqa: E731
+    trained = frames_by_video(*pick(train_idx))
+    results = {
+        "validation": summary(gaps(frames_by_video(*pick(val_idx)), trained)),
+        "test": summary(gaps(frames_by_video(test.paths, test.targets), trained)),
+        "val_fraction": args.val_fraction, "seed": args.seed,
+    }
+    save_results("frame_gaps", results)
+
+
+if __name__ == "__main__":
+    main()
