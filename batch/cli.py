@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from fruitserve.handler.classifier import PRECISIONS
+from fruitserve.handler.classifier import AUTO_PRECISION, PRECISIONS
 from fruitserve.handler.errors import ModelDirError
 from fruitserve.train.utils import progress
 
@@ -111,8 +111,7 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="keep the rows already in OUT and score only what is missing")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
-              help="--local: auto = int8 on CPUs with VNNI when the model has model.int8.onnx, else bf16 on CPUs "
-                   "with native bf16, fp16 on CUDA, else fp32 (as served)")
+              help=f"--local: auto = {AUTO_PRECISION}")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="--local batch size")
 @click.option("--workers", type=click.IntRange(0, 4096), default=None,
               help="--local: decoding processes [0 on CPU, 4 on CUDA]; --engine ray: actors [one per CPU, or per "

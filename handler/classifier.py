@@ -41,6 +41,9 @@ from fruitserve.handler.uncertainty import UncertaintyRule
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# what ``resolve_precision`` picks for "auto", for the command-line help of every tool that loads a model
+AUTO_PRECISION = ("int8 on CPUs with VNNI when the model has model.int8.onnx, else bf16 on CPUs with native "
+                  "bf16, fp16 on CUDA, else fp32 (as served)")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the parts of a torchvision ResNet, in the order its forward calls them
 RESNET_STEM = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")

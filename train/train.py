@@ -34,7 +34,7 @@ from fruitserve.handler.artifacts import (
     load_torchscript,
     require_files,
 )
-from fruitserve.handler.classifier import PRECISIONS, Classifier, load_classifier, select_device, wrap_module
+from fruitserve.handler.classifier import AUTO_PRECISION, PRECISIONS, Classifier, load_classifier, select_device, wrap_module
 from fruitserve.handler.errors import ModelDirError
 from fruitserve.handler.preprocessing import PreprocessConfig, decode_image, normalize, resize_and_crop, to_uint8_tensor
 
@@ -114,8 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     e.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto = int8 on CPUs with VNNI when the model has model.int8.onnx, else bf16 on CPUs with "
-                        "native bf16, fp16 on CUDA, else fp32 (as served)")
+                   help=f"auto = {AUTO_PRECISION}")
     e.add_argument("--no-progress", action="store_true")
 
     x = sub.add_parser("export", help="write a run's model in another format, next to its model.pt",
