@@ -1,6 +1,6 @@
 """How far, in frames of its rotation video, each image lies from the nearest frame the model trained on.
 
-    .venv/bin/python -m bench.frame_gaps [--data ../shared/data/fruits-360] [--val-fraction 0.1] [--seed 0] [--val-stretch 8]
+    .venv/bin/python -m bench.frame_gaps [--data ../shared/data/fruits-360] [--val-fraction 0.1] [--seed 0]
 
 Fruits-360 names every image ``[rN_]<frame>_100.jpg``: one video per class and prefix. Test holds whole
 stretches of the same videos that Training lacks. A validation split of random frames

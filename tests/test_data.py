@@ -103,29 +103,8 @@ def test_stretch_split_holds_out_whole_stretches_of_each_video():
     # stretches of one frame: every frame on its own, the same per-class shares
     _, single = datasets.stretch_split(paths, targets, 0.2, seed=7, stretch=1)
     assert [sum(targets[i] == c for i in single) for c in range(3)] == [8, 4, 1]
-    # files not named as frames (any image folder): the very split stratified_split draws, so older runs keep theirs
-    plain = [Path(f"{k:04d}.jpg") for k in range(len(targets))]
-    assert datasets.stretch_split(plain, targets, 0.2, seed=7) == datasets.stratified_split(targets, 0.2, seed=7)
     with pytest.raises(datasets.DatasetError, match="--val-stretch"):
         datasets.stretch_split(paths, targets, 0.2, seed=7, stretch=0)
-
-
-def test_a_run_is_split_again_as_it_was_trained(tmp_path):
-    """``splits_of_run`` (calibration, robustness, the uncertainty bench): stretches for a run that recorded its
-    ``val_stretch``, random frames for a run from before it."""
-    root = _folder(tmp_path, {c: {f"{k}_100.jpg": b"x" for k in range(20)} for c in ("Apple", "Banana")})
-    index = datasets.index_image_folder(root)
-    classes = index.classes
-
-    def validation(training: dict) -> list[Path]:
-        return [path for path, _ in datasets.splits_of_run({"dataset": {"train_root": str(root)}, "training": training},
-                                                           classes)[1]]
-
-    stretches = datasets.stretch_split(index.paths, index.targets, 0.25, 3, 4)[1]
-    random_frames = datasets.stratified_split(index.targets, 0.25, 3)[1]
-    assert stretches != random_frames
-    assert validation({"val_fraction": 0.25, "seed": 3, "val_stretch": 4}) == [index.paths[i] for i in stretches]
-    assert validation({"val_fraction": 0.25, "seed": 3}) == [index.paths[i] for i in random_frames]
 
 
 def test_synthetic_generator_is_deterministic(tmp_path):

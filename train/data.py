@@ -127,7 +127,7 @@ def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tupl
 # Fruits-360 names each image ``[rN_]<frame>_100.jpg``: frames of one rotation video per class and prefix.
 FRAME_NAME = re.compile(r"^(?:(r\d?)_)?(\d+)_100\.jpg$")
 # Frames held out together by ``stretch_split``: Fruits-360's Test holds whole stretches of each video that Training
-# lacks (a median 9 and a 90th percentile of 26-29 frames from a training frame; ``bench/frame_gaps.py``); stretches
+# lacks (a median 9 and a 90th percentile of 26-28 frames from a training frame; ``bench/frame_gaps.py``); stretches
 # of 8 training frames give validation about that shape (median 10.5, p90 24), where random frames lie a median 4 away.
 VAL_STRETCH = 8
 
@@ -178,7 +178,7 @@ def stretch_split(paths: list[Path], targets: list[int], val_fraction: float, se
 
 def splits_of_run(metadata: dict, classes: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
     """A trained run's own training and validation images (path, class id): its Training folder, split again by
-    the run's seed, fraction and stretch (or its ``--val-dir``), so that work after training (calibration, robustness)
+    the run's seed and fraction (or its ``--val-dir``), so that work after training (calibration, robustness)
     uses what the run used, and never looks at Test."""
     training = metadata["training"]
     index = index_image_folder(Path(metadata["dataset"]["train_root"]), classes)
