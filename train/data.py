@@ -158,8 +158,6 @@ def stretch_split(paths: list[Path], targets: list[int], val_fraction: float, se
     Test brings. Files not named as frames are split at random; the same seed gives the same split."""
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    if stretch < 1:
-        raise DatasetError(f"--val-stretch must be at least 1 frame, got {stretch}")
     generator = torch.Generator().manual_seed(seed)
     groups = frame_stretches(paths, targets, stretch)
     val_idx: list[int] = []
