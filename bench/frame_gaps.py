@@ -2,18 +2,17 @@
 
     .venv/bin/python -m bench.frame_gaps [--data ../shared/data/fruits-360] [--val-fraction 0.1] [--seed 0]
 
-Fruits-360 names every image ``[rN_]<frame>_100.jpg``: one video per class and prefix. Test holds whole
-stretches of the same videos that Training lacks. A validation split of random frames
-(``train/data.stratified_split``, what ``fruit-train`` drew until 2026-12-01) gives each validation frame trained
-neighbours a few frames away, so whatever is fitted on it (the uncertainty rule's distance threshold) sees nearer
-views than Test brings; ``train/data.stretch_split`` (now the default) holds out stretches of ``--val-stretch``
-frames. Both are measured, each with Test's gaps to its own training frames. Reads file names only, never pixels.
+Fruits-360 names every image ``[rN_]<frame>_100.jpg``: one video per class and prefix. The run's validation split
+(``train/data.stratified_split``, as ``fruit-train`` draws it) takes random frames, each with trained neighbours a
+few frames away; Test holds whole stretches of the same videos that Training lacks. So the uncertainty rule's
+distance threshold, fitted on validation, sees nearer views than Test brings. Reads file names only, never pixels.
 Writes ``bench/results/frame_gaps.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -22,13 +21,14 @@ from fruitserve.train import data as datasets
 
 from bench.report import DEFAULT_IMAGES, save_results
 
+FRAME_NAME = re.compile(r"^(?:(r\d?)_)?(\d+)_100\.jpg$")
 Video = tuple[int, str]  # (class id, prefix)
 
 
 def frames_by_video(paths: list[Path], targets: list[int]) -> dict[Video, list[int]]:
     videos: dict[Video, list[int]] = defaultdict(list)
     for path, target in zip(paths, targets, strict=True):
-        match = datasets.FRAME_NAME.match(path.name)
+        match = FRAME_NAME.match(path.name)
         if match:
             videos[(target, match.group(1) or "")].append(int(match.group(2)))
     return videos
@@ -50,24 +50,17 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_IMAGES.parent)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--val-stretch", type=int, default=datasets.VAL_STRETCH)
     args = parser.parse_args()
     training = datasets.index_image_folder(args.data / "Training")
     test = datasets.index_image_folder(args.data / "Test", training.classes)
-    test_frames = frames_by_video(test.paths, test.targets)
-
-    def trained_on(idx: list[int]) -> dict[Video, list[int]]:
-        return frames_by_video([training.paths[i] for i in idx], [training.targets[i] for i in idx])
-
-    results: dict = {"val_fraction": args.val_fraction, "seed": args.seed}
-    for name, (train_idx, val_idx) in (
-            ("random frames", datasets.stratified_split(training.targets, args.val_fraction, args.seed)),
-            (f"stretches of {args.val_stretch}", datasets.stretch_split(training.paths, training.targets,
-                                                                       args.val_fraction, args.seed, args.val_stretch))):
-        trained = trained_on(train_idx)
-        results[name] = {"validation": summary(gaps(trained_on(val_idx), trained)),
-                         "test": summary(gaps(test_frames, trained))}
-        print(name, results[name])
+    train_idx, val_idx = datasets.stratified_split(training.targets, args.val_fraction, args.seed)
+    pick = lambda idx: ([training.paths[i] for i in idx], [training.targets[i] for i in idx])  # noqa: E731
+    trained = frames_by_video(*pick(train_idx))
+    results = {
+        "validation": summary(gaps(frames_by_video(*pick(val_idx)), trained)),
+        "test": summary(gaps(frames_by_video(test.paths, test.targets), trained)),
+        "val_fraction": args.val_fraction, "seed": args.seed,
+    }
     save_results("frame_gaps", results)
 
 

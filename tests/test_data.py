@@ -83,28 +83,6 @@ def test_stratified_split_is_deterministic_and_keeps_every_class():
     assert {targets[i] for i in train_idx} == {0, 1, 2}
 
 
-def test_stretch_split_holds_out_whole_stretches_of_each_video():
-    # class 0: one video, 40 frames numbered 0, 2, 4, ...; class 1: two videos (plain and r_) of 10 frames each;
-    # class 2: files not named as video frames, split one by one
-    names = ([f"{2 * k}_100.jpg" for k in range(40)] + [f"{k}_100.jpg" for k in range(10)]
-             + [f"r_{k}_100.jpg" for k in range(10)] + [f"photo{k}.jpg" for k in range(5)])
-    paths, targets = [Path("c") / n for n in names], [0] * 40 + [1] * 20 + [2] * 5
-    first = datasets.stretch_split(paths, targets, 0.2, seed=7, stretch=4)
-    assert first == datasets.stretch_split(paths, targets, 0.2, seed=7, stretch=4)
-    assert first != datasets.stretch_split(paths, targets, 0.2, seed=8, stretch=4)
-    train_idx, val_idx = first
-    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == len(targets)
-    assert [sum(targets[i] == c for i in val_idx) for c in range(3)] == [8, 4, 1]
-    assert {targets[i] for i in train_idx} == {0, 1, 2}
-    # class 0 lost two whole stretches: positions 4k..4k+3 of its sorted frames, never scattered frames
-    positions = [int(names[i].split("_")[0]) // 2 for i in val_idx if targets[i] == 0]
-    stretches = {p // 4 for p in positions}
-    assert len(stretches) == 2 and sorted(positions) == sorted(4 * s + k for s in stretches for k in range(4))
-    # stretches of one frame: every frame on its own, the same per-class shares
-    _, single = datasets.stretch_split(paths, targets, 0.2, seed=7, stretch=1)
-    assert [sum(targets[i] == c for i in single) for c in range(3)] == [8, 4, 1]
-
-
 def test_synthetic_generator_is_deterministic(tmp_path):
     a = make_demo_data(tmp_path / "a", train_per_class=2, test_per_class=1, seed=3)
     b = make_demo_data(tmp_path / "b", train_per_class=2, test_per_class=1, seed=3)

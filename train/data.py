@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,56 +123,6 @@ def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tupl
     return sorted(train_idx), sorted(val_idx)
 
 
-# Fruits-360 names each image ``[rN_]<frame>_100.jpg``: frames of one rotation video per class and prefix.
-FRAME_NAME = re.compile(r"^(?:(r\d?)_)?(\d+)_100\.jpg$")
-# Frames held out together by ``stretch_split``: Fruits-360's Test holds whole stretches of each video that Training
-# lacks (a median 9 and a 90th percentile of 26-28 frames from a training frame; ``bench/frame_gaps.py``); stretches
-# of 8 training frames give validation about that shape (median 10.5, p90 24), where random frames lie a median 4 away.
-VAL_STRETCH = 8
-
-
-def frame_stretches(paths: list[Path], targets: list[int], stretch: int) -> dict[int, list[list[int]]]:
-    """Per class, indices grouped into runs of ``stretch`` consecutive frames of one video; a file not named as a
-    video frame is a group of its own."""
-    videos: dict[tuple[int, str], list[tuple[int, int]]] = {}
-    groups: dict[int, list[list[int]]] = {}
-    for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
-        match = FRAME_NAME.match(path.name)
-        if match:
-            videos.setdefault((target, match.group(1) or ""), []).append((int(match.group(2)), i))
-        else:
-            groups.setdefault(target, []).append([i])
-    for (target, _), frames in videos.items():
-        order = [i for _, i in sorted(frames)]
-        groups.setdefault(target, []).extend(order[k:k + stretch] for k in range(0, len(order), stretch))
-    return groups
-
-
-def stretch_split(paths: list[Path], targets: list[int], val_fraction: float, seed: int,
-                  stretch: int = VAL_STRETCH) -> tuple[list[int], list[int]]:
-    """Per-class split that holds out whole stretches of ``stretch`` consecutive video frames, as Fruits-360's Test
-    does, so that validation measures what Test measures: frames of a fruit seen from angles the model did not
-    train on. Neighbouring frames are near-copies; a random split leaves each validation frame a trained twin a few
-    frames away, and whatever is fitted on it (early stopping, the uncertainty thresholds) sees easier inputs than
-    Test brings. Files not named as frames are split at random; the same seed gives the same split."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    generator = torch.Generator().manual_seed(seed)
-    groups = frame_stretches(paths, targets, stretch)
-    val_idx: list[int] = []
-    for target in sorted(groups):
-        blocks = groups[target]
-        size = sum(len(b) for b in blocks)
-        want = min(size - 1, round(size * val_fraction))
-        for k in torch.randperm(len(blocks), generator=generator).tolist():
-            if want <= 0:
-                break
-            val_idx += blocks[k][:want]  # the last stretch cut short, so every class gets its share exactly
-            want -= len(blocks[k][:want])
-    held_out = set(val_idx)
-    return [i for i in range(len(targets)) if i not in held_out], sorted(val_idx)
-
-
 def splits_of_run(metadata: dict, classes: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
     """A trained run's own training and validation images (path, class id): its Training folder, split again by
     the run's seed and fraction (or its ``--val-dir``), so that work after training (calibration, robustness)
@@ -184,11 +133,7 @@ def splits_of_run(metadata: dict, classes: list[str]) -> tuple[list[tuple[Path, 
     if training.get("val_dir"):
         val_index = index_image_folder(Path(training["val_dir"]), classes)
         return items, list(zip(val_index.paths, val_index.targets, strict=True))
-    fraction, seed = float(training["val_fraction"]), int(training["seed"])
-    if training.get("val_stretch") is None:  # a run from before stretch_split: random frames
-        train_idx, val_idx = stratified_split(index.targets, fraction, seed)
-    else:
-        train_idx, val_idx = stretch_split(index.paths, index.targets, fraction, seed, int(training["val_stretch"]))
+    train_idx, val_idx = stratified_split(index.targets, float(training["val_fraction"]), int(training["seed"]))
     return [items[i] for i in train_idx], [items[i] for i in val_idx]
 
 

@@ -77,9 +77,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-dir", type=Path, help="a separate validation folder (default: carve one from Training)")
     t.add_argument("--test-dir", type=Path, help="folder reported after training (default: DATA/Test when present)")
     t.add_argument("--val-fraction", type=float, default=0.1)
-    t.add_argument("--val-stretch", type=int, default=datasets.VAL_STRETCH,
-                   help="hold out runs of this many consecutive video frames ([rN_]<frame>_100.jpg), as Fruits-360's "
-                        "Test does; 1 = random frames. Files not named as frames are split at random")
     t.add_argument("--output-dir", type=Path, default=Path("runs"), help="each run gets a timestamped folder here")
     t.add_argument("--run-name", help="folder name of this run inside --output-dir")
     t.add_argument("--arch", default="resnet18", choices=ARCHES)
@@ -171,8 +168,7 @@ def load_data(args: argparse.Namespace, config: PreprocessConfig) -> Splits:
         val_index = datasets.index_image_folder(args.val_dir, index.classes)
         val = datasets.decode_images(val_index.paths, val_index.targets, config, desc="decode val", progress=show)
     else:
-        train_idx, val_idx = datasets.stretch_split(index.paths, index.targets, args.val_fraction, args.seed,
-                                                    args.val_stretch)
+        train_idx, val_idx = datasets.stratified_split(index.targets, args.val_fraction, args.seed)
         train, val = (datasets.decode_images([index.paths[i] for i in idx], [index.targets[i] for i in idx], config,
                                              desc=f"decode {name}", progress=show)
                       for name, idx in (("train", train_idx), ("val", val_idx)))
