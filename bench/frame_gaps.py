@@ -12,7 +12,6 @@ Writes ``bench/results/frame_gaps.json``.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -21,16 +20,15 @@ from fruitserve.train import data as datasets
 
 from bench.report import DEFAULT_IMAGES, save_results
 
-FRAME_NAME = re.compile(r"^(?:(r\d?)_)?(\d+)_100\.jpg$")
 Video = tuple[int, str]  # (class id, prefix)
 
 
 def frames_by_video(paths: list[Path], targets: list[int]) -> dict[Video, list[int]]:
     videos: dict[Video, list[int]] = defaultdict(list)
     for path, target in zip(paths, targets, strict=True):
-        match = FRAME_NAME.match(path.name)
-        if match:
-            videos[(target, match.group(1) or "")].append(int(match.group(2)))
+        named = datasets.video_frame(path)
+        if named:
+            videos[(target, named[0])].append(named[1])
     return videos
 
 

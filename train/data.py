@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,16 @@ from .utils import dataset_fingerprint
 from .utils import progress as progress_bar
 
 log = logging.getLogger(__name__)
+
+
+# Fruits-360 names every image ``[rN_]<frame>_100.jpg``: frame <frame> of the rotation video of its class and prefix
+FRAME_NAME = re.compile(r"^(?:(r\d?)_)?(\d+)_100\.jpg$")
+
+
+def video_frame(path: Path) -> tuple[str, int] | None:
+    """(video prefix, frame number) for a file named as a Fruits-360 frame, else None."""
+    match = FRAME_NAME.match(path.name)
+    return (match.group(1) or "", int(match.group(2))) if match else None
 
 
 class DatasetError(Exception):
