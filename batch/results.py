@@ -54,7 +54,7 @@ class Result:
             "path": self.path, "status": self.status, "label": self.label,
             "confidence": "" if self.confidence is None else f"{self.confidence:.6f}",
             "uncertain": "" if self.uncertain is None else str(self.uncertain).lower(),
-            "ood_score": "" if self.ood_score is None else f"{self.ood_score:.3f}",
+            "ood_score": "" if self.ood_score is None else f"{self.ood_score:.5f}",
             "top_k": json.dumps(self.top_k, separators=(",", ":")) if self.top_k else "",
             "true_label": self.true_label, "error": " ".join(self.error.split()),  # one physical line per row
             "error_code": "" if self.error_code is None else str(self.error_code),

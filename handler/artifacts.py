@@ -22,7 +22,7 @@ MODEL_FILE = "model.pt"
 LABELS_FILE = "index_to_name.json"
 METADATA_FILE = "metadata.json"
 REQUIRED_FILES = (MODEL_FILE, LABELS_FILE, METADATA_FILE)
-# Fitted after training (class means and covariance of the penultimate features); absent in older runs.
+# Fitted after training (the training split's normalised penultimate features, by class); absent in older runs.
 FEATURE_STATS_FILE = "feature_stats.npz"  # plain arrays: read without pickle (allow_pickle=False)
 # Optional: the int8 graph (ONNX, statically quantised on the run's validation images by `fruit-train export
 # --format int8`). Shipped as a second file because quantising needs calibration images, which a server lacks.

@@ -180,7 +180,7 @@ class Prediction:
 
     probabilities: torch.Tensor  # N x classes, float32
     features: torch.Tensor  # N x D penultimate features, float32
-    distances: torch.Tensor  # N, squared Mahalanobis distance to the nearest class mean (NaN: no statistics)
+    distances: torch.Tensor  # N, cosine distance to the nearest training image of the predicted class (NaN: none)
     uncertain: torch.Tensor  # N, bool
 
 
@@ -205,7 +205,7 @@ class Classifier:
     def predict(self, images: torch.Tensor) -> Prediction:
         logits, features = self.logits_and_features(images)
         probabilities = self.uncertainty.calibrated(logits)
-        distances = self.uncertainty.distance(features)
+        distances = self.uncertainty.distance(features, probabilities.argmax(dim=1))
         uncertain = self.uncertainty.uncertain(probabilities.max(dim=1).values, distances)
         return Prediction(probabilities, features, distances, uncertain)
 
@@ -266,7 +266,7 @@ def load_classifier(source: str | os.PathLike, *, device: str | torch.device = "
     classifier.check()
     log.info("fruit model %s on %s in %s: %d classes, input %d px; uncertain below calibrated confidence %.3f%s",
              classifier.model_version, device, precision, len(labels), config.input_size, rule.min_confidence,
-             f" or beyond feature distance {rule.max_distance:.1f}" if rule.max_distance is not None else
+             f" or beyond feature distance {rule.max_distance:.4f}" if rule.max_distance is not None else
              " (no feature statistics)")
     return classifier
 

@@ -38,7 +38,7 @@ def format_predictions(probs: torch.Tensor, labels: Sequence[str], ks: Sequence[
             "index": top[0]["index"],
             "confidence": top[0]["probability"],
             "uncertain": bool(flag),
-            "ood_score": None if score is None or score != score else round(float(score), 3),
+            "ood_score": None if score is None or score != score else round(float(score), 5),
             "top_k": top,
             "model_version": model_version,
             "precision": precision,

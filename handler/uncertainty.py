@@ -1,28 +1,40 @@
-"""Knowing when the model is out of its depth: calibrated confidence and a distance in feature space.
+"""Knowing when the model is out of its depth: calibrated confidence and the distance to the training images.
 
 A model trained on studio frames of single fruits is confidently wrong on most other photos. Two signals tell
 those inputs apart, and the rule flags an answer ``uncertain`` when either says so:
 
 - the *calibrated* top probability (softmax of the logits divided by a temperature fitted on the validation
   split) is below ``min_confidence``: the model hesitates between classes;
-- the *Mahalanobis distance* of the penultimate features to the nearest class mean (class means and one shared
-  covariance, fitted on the training split) is above ``max_distance``: the input looks like nothing the
-  model was trained on, however confident its softmax is.
+- the *nearest-neighbour distance* is above ``max_distance``: the cosine distance of the image's penultimate
+  features to those of the nearest training image of the class it is called (Sun et al., "Out-of-distribution
+  detection with deep nearest neighbors", ICML 2022, on normalised features). The image looks like no training
+  image of that class, however confident its softmax is.
 
 The fit (``fruitserve.train.uncertainty``) stores the temperature and both thresholds in ``metadata.json``
-(``uncertainty``) and the means and inverse covariance in ``feature_stats.npz``; BENCHMARKS.md, Uncertainty, has the
-measurements that chose this rule over plain top probability and the energy score.
+(``uncertainty``) and the training images' normalised features, grouped by class, in ``feature_stats.npz``.
+Looking only at the predicted class keeps the cost at one small product per class in the batch (about a hundred
+training images each) rather than a product with the whole training set. BENCHMARKS.md, Uncertainty, has the
+measurements that chose this score over plain top probability, the energy score and the Mahalanobis distance.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from fruitserve.handler.artifacts import FEATURE_STATS_FILE
+from fruitserve.handler.errors import ModelDirError
+
+log = logging.getLogger(__name__)
+
+# metadata.json's uncertainty.score for the statistics this module reads; runs fitted with another score (the
+# Mahalanobis distance, until 2026-12) are served with the confidence rule only until `fruit-train calibrate` refits
+SCORE = "nearest_neighbour"
+THRESHOLDS = ("min_confidence", "max_distance")
 
 
 @dataclass(frozen=True)
@@ -30,17 +42,8 @@ class UncertaintyRule:
     temperature: float = 1.0
     min_confidence: float = 0.0
     max_distance: float | None = None  # None: no feature statistics (an older run); confidence only
-    # float32: float64 costed 4 % of a bf16 forward pass per batch (BENCHMARKS.md, Serving), for no change in the
-    # flags (distances in the thousands, thresholds far from float32's 7 digits)
-    class_means: torch.Tensor | None = None  # classes x D
-    precision_matrix: torch.Tensor | None = None  # D x D: the inverse of the shared covariance
-    # each mean's own term of the distance, m P m^T (C): computed once here, as it does not depend on the input and
-    # costs more than the batch's own part (C x D x D multiply-adds against N x D x D)
-    mean_terms: torch.Tensor | None = field(init=False, default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.class_means is not None:
-            object.__setattr__(self, "mean_terms", mean_terms(self.class_means.float(), self.precision_matrix.float()))
+    bank: torch.Tensor | None = None  # M x D float32: the training images' L2-normalised features, by class
+    offsets: torch.Tensor | None = None  # classes + 1: class c's rows of ``bank`` are offsets[c]:offsets[c + 1]
 
     @classmethod
     def from_run(cls, metadata: dict, folder: str | os.PathLike, overrides: dict | None = None) -> UncertaintyRule:
@@ -50,28 +53,36 @@ class UncertaintyRule:
         rule = cls(temperature=float(fitted.get("temperature", 1.0)),
                    min_confidence=float(fitted.get("min_confidence", 0.0)))
         stats_path = Path(folder) / FEATURE_STATS_FILE
-        if fitted.get("max_distance") is not None and stats_path.is_file():
+        if fitted.get("max_distance") is not None and fitted.get("score") != SCORE:
+            log.warning("this model's out-of-distribution statistics are of another kind (%s): its answers are "
+                        "flagged by confidence only; `fruit-train calibrate RUN` fits them again", fitted.get("score"))
+        elif fitted.get("max_distance") is not None and stats_path.is_file():
             with np.load(stats_path, allow_pickle=False) as stats:
-                means, precision = (torch.from_numpy(stats[k]).float() for k in ("class_means", "precision"))
-            rule = replace(rule, max_distance=float(fitted["max_distance"]), class_means=means,
-                           precision_matrix=precision)
+                bank, offsets = torch.from_numpy(stats["features"]).float(), torch.from_numpy(stats["offsets"]).long()
+            classes = int(metadata.get("num_classes", len(offsets) - 1))
+            if (offsets.ndim != 1 or len(offsets) != classes + 1 or int(offsets[-1]) != len(bank)
+                    or bool((offsets.diff() < 0).any())):
+                raise ModelDirError(f"{stats_path}: its offsets do not describe {len(bank)} feature rows "
+                                    f"of {classes} classes")
+            rule = replace(rule, max_distance=float(fitted["max_distance"]), bank=bank, offsets=offsets)
         return rule.with_overrides(overrides or {})
 
     def with_overrides(self, overrides: dict) -> UncertaintyRule:
-        changes = {k: float(v) for k, v in overrides.items() if k in ("min_confidence", "max_distance") and v is not None}
-        if "max_distance" in changes and self.class_means is None:
-            raise ValueError("max_distance needs the run's feature statistics (feature_stats.npz), which this model "
-                             "does not have")
+        changes = {k: float(v) for k, v in overrides.items() if k in THRESHOLDS and v is not None}
+        if "max_distance" in changes and self.bank is None:
+            raise ValueError("max_distance needs the run's feature statistics (feature_stats.npz, fitted by "
+                             "`fruit-train calibrate`), which this model does not have")
         return replace(self, **changes)
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature, dim=1)
 
-    def distance(self, features: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance to the nearest class mean (N), or NaN without feature statistics."""
-        if self.class_means is None or len(features) == 0:
+    def distance(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Cosine distance (0 to 1: ReLU features are never negative) of each row of ``features`` to the nearest
+        training image of its class in ``classes`` (N), or NaN without feature statistics."""
+        if self.bank is None or len(features) == 0:
             return torch.full((len(features),), float("nan"))
-        return mahalanobis(features.float(), self.class_means, self.precision_matrix, self.mean_terms).min(dim=1).values
+        return nearest_distance(features, classes, self.bank, self.offsets)
 
     def uncertain(self, confidence: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
         flagged = confidence < self.min_confidence
@@ -80,16 +91,23 @@ class UncertaintyRule:
         return flagged
 
 
-def mean_terms(means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """m P m^T for every mean (C): the part of the distance that does not depend on the input."""
-    return ((means @ precision) * means).sum(dim=1)
+def normalized(features: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(features.float(), dim=1)
 
 
-def mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor,
-                means_term: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared Mahalanobis distance of every row of ``features`` (N x D) to every mean (C x D): N x C, expanded as
-    f P f^T - 2 f P m^T + m P m^T (P symmetric). ``means_term`` is ``mean_terms(means, precision)``, if known."""
-    projected = features @ precision  # N x D
-    if means_term is None:
-        means_term = mean_terms(means, precision)
-    return (projected * features).sum(dim=1, keepdim=True) - 2 * projected @ means.T + means_term
+def nearest_distance(features: torch.Tensor, classes: torch.Tensor, bank: torch.Tensor, offsets: torch.Tensor,
+                     excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - the largest cosine similarity of each row of ``features`` (N x D) with the rows of ``bank`` (normalised,
+    grouped by class as ``offsets`` says) of its class in ``classes`` (N). ``excluded`` (N x M bool), if given,
+    leaves those bank rows out for that row (the fit's held-out views); a row with none left gets distance 1."""
+    queries = normalized(features)
+    distances = torch.ones(len(queries))
+    for c in classes.unique().tolist():
+        rows = (classes == c).nonzero().squeeze(1)
+        start, end = int(offsets[c]), int(offsets[c + 1])
+        similarity = queries[rows] @ bank[start:end].T
+        if excluded is not None:
+            similarity = similarity.masked_fill(excluded[rows, start:end], -1.0)
+        if end > start:
+            distances[rows] = (1 - similarity.max(dim=1).values).clamp(0, 1)
+    return distances

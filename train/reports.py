@@ -157,16 +157,16 @@ def plot_score_histograms(scores: dict[str, torch.Tensor], threshold: float, pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finite = torch.cat([s[torch.isfinite(s)] for s in scores.values()]).clamp(min=1e-3)
+    finite = torch.cat([s[torch.isfinite(s)] for s in scores.values()]).clamp(min=1e-4)
     bins = torch.logspace(math.log10(float(finite.min())), math.log10(float(finite.max())), 60).numpy()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     for name, values in scores.items():
         flagged = float((values > threshold).double().mean())
-        ax.hist(values.clamp(min=1e-3).numpy(), bins=bins, histtype="step", linewidth=1.6, density=True,
+        ax.hist(values.clamp(min=1e-4).numpy(), bins=bins, histtype="step", linewidth=1.6, density=True,
                 label=f"{name} ({len(values)}): {flagged:.1%} beyond")
-    ax.axvline(threshold, color="black", linestyle="--", label=f"max_distance {threshold:.0f}")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"max_distance {threshold:.4f}")
     ax.set_xscale("log")
-    ax.set_xlabel("squared Mahalanobis distance to the nearest class mean")
+    ax.set_xlabel("cosine distance to the nearest training image of the predicted class")
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend(fontsize=8)

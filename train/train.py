@@ -281,7 +281,8 @@ def answered_metrics(classifier: Classifier, logits: torch.Tensor, features: tor
     """What the uncertainty rule does to a labelled set: how much is answered, and how accurate that is."""
     rule = classifier.uncertainty
     probabilities = rule.calibrated(logits)
-    uncertain = rule.uncertain(probabilities.max(dim=1).values, rule.distance(features))
+    confidence, predicted = probabilities.max(dim=1)
+    uncertain = rule.uncertain(confidence, rule.distance(features, predicted))
     answered = ~uncertain
     correct = probabilities.argmax(dim=1) == targets
     return {"answered": float(answered.double().mean()),
@@ -413,13 +414,13 @@ def calibrate(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata:
     images made from validation images (``train/ood.py``), picture both, and record them in ``metadata.json``."""
     classifier = load_classifier(run_dir, device=select_device(args.device), precision="fp32",
                                  max_batch=args.eval_batch_size)
-    rule, section = fit_rule(classifier, splits.train.images, splits.train.targets, splits.val.images,
-                             splits.val.targets, run_dir, args.seed)
+    rule, section, held_out = fit_rule(classifier, splits.train, splits.val, run_dir, args.seed)
     classifier.uncertainty = rule
     rng = random.Random(args.seed)
     originals = [decode_image(p.read_bytes(), classifier.config.max_pixels)
                  for p in rng.sample(splits.val.paths, min(OOD_IMAGES, len(splits.val.paths)))]
-    scores = {"validation": classifier.predict(splits.val.images).distances}
+    scores = {"validation": classifier.predict(splits.val.images).distances,
+              "validation, neighbours held out": held_out}
     rates = {}
     for name, images in out_of_distribution(originals, len(originals), seed=args.seed).items():
         batch = torch.stack([to_uint8_tensor(resize_and_crop(im, classifier.config.input_size)) for im in images])
@@ -431,7 +432,7 @@ def calibrate(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata:
                           "validation vs images made to be out of distribution")
     metadata["uncertainty"] = section
     write_json_atomic(run_dir / METADATA_FILE, metadata)
-    log.info("uncertainty: temperature %.3f, uncertain below confidence %.2f or beyond distance %.1f; validation "
+    log.info("uncertainty: temperature %.3f, uncertain below confidence %.2f or beyond distance %.4f; validation "
              "answered %.2f%%; flagged: %s", section["temperature"], section["min_confidence"],
              section["max_distance"], 100 * section["validation"]["answered"],
              ", ".join(f"{k} {v['flagged']:.1%}" for k, v in rates.items()))
