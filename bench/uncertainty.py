@@ -2,14 +2,16 @@
 
     .venv/bin/python -m bench.uncertainty --run runs/<run> [--report-test]
 
-Sets (never Fruits-360 Test for choosing): the run's validation split (in distribution: must stay answered);
-each shift of ``train/ood.py`` applied to validation images (background, small and off-centre, light, blur and
-JPEG, all together); composites of several fruits; textures with no fruit; and real photos that are not fruit,
-from the sample images scikit-image and matplotlib ship (crops at several scales). Scores compared: the
-calibrated top probability, the energy score and the Mahalanobis distance of the penultimate features, each
-at thresholds that leave 0.5 %, 1 % and 2 % of validation flagged; then the shipped rule (confidence or
-distance, thresholds from the run's metadata). ``--report-test`` adds Fruits-360 Test, once the choice is made:
-answered share and accuracy among the answered, for the shipped rule and for plain top probability.
+Sets (never Fruits-360 Test for choosing): the run's validation split (in distribution: must stay answered), as it
+is and with each frame's neighbours held out of the feature bank as the fit does (``train/uncertainty.py``); each
+shift of ``train/ood.py`` applied to validation images (background, small and off-centre, light, blur and JPEG,
+all together); composites of several fruits; textures with no fruit; and real photos that are not fruit, from the
+sample images scikit-image and matplotlib ship (crops at several scales). Scores compared: the calibrated top
+probability, the energy score, the Mahalanobis distance to the nearest class mean (class means and a shared
+covariance of the training features, fitted here) and the shipped nearest-neighbour distance, each at thresholds
+that leave 0.5 %, 1 % and 2 % of validation flagged; then the shipped rule (confidence or distance, thresholds
+from the run's metadata). ``--report-test`` adds Fruits-360 Test, once the choice is made: answered share and
+accuracy among the answered, for the shipped rule and for plain top probability.
 Writes ``bench/results/uncertainty.json``.
 """
 
@@ -23,9 +25,10 @@ from pathlib import Path
 import torch
 from fruitserve.handler.classifier import Classifier, load_classifier
 from fruitserve.handler.preprocessing import decode_image, resize_and_crop, to_uint8_tensor
+from fruitserve.handler.uncertainty import nearest_distance
 from fruitserve.train import data as datasets
 from fruitserve.train.ood import CONDITIONS, composite, texture
-from fruitserve.train.uncertainty import augmented
+from fruitserve.train.uncertainty import augmented, held_out_views
 from PIL import Image
 
 from bench.report import DEFAULT_IMAGES, save_results
@@ -73,16 +76,56 @@ def to_batch(images: list[Image.Image], size: int) -> torch.Tensor:
     return torch.stack([to_uint8_tensor(resize_and_crop(im, size)) for im in images])
 
 
-def scores_of(classifier: Classifier, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every score, oriented so that higher means "more out of distribution"."""
+class Mahalanobis:
+    """The squared Mahalanobis distance to the nearest class mean (Lee et al., 2018): class means and one shared
+    covariance of the training features, shrunk towards a scaled identity so it can be inverted (ReLU features
+    leave dimensions empty). The score the rule used until 2026-12; kept here to compare against."""
+
+    SHRINKAGE = 0.01  # of the mean variance, added to the diagonal
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, num_classes: int) -> None:
+        features = features.double()
+        means = torch.zeros(num_classes, features.shape[1], dtype=torch.float64).index_add_(0, targets, features)
+        means /= torch.bincount(targets, minlength=num_classes).clamp(min=1).double()[:, None]
+        centred = features - means[targets]
+        covariance = centred.T @ centred / len(features)
+        covariance += self.SHRINKAGE * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=torch.float64)
+        self.means, self.precision = means, torch.linalg.inv(covariance)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        projected = features.double() @ self.precision
+        mean_terms = ((self.means @ self.precision) * self.means).sum(dim=1)
+        return ((projected * features.double()).sum(dim=1, keepdim=True) - 2 * projected @ self.means.T
+                + mean_terms).min(dim=1).values.float()
+
+
+def scores_of(classifier: Classifier, images: torch.Tensor, mahalanobis: Mahalanobis,
+              distances: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every score, oriented so that higher means "more out of distribution". ``distances`` replaces the
+    nearest-neighbour distances (the held-out validation)."""
     logits, features = classifier.logits_and_features(images)
     rule = classifier.uncertainty
     calibrated = rule.calibrated(logits)
-    return {"top_probability": -calibrated.max(dim=1).values,
+    confidence, predicted = calibrated.max(dim=1)
+    if distances is None:
+        distances = rule.distance(features, predicted)
+    return {"top_probability": -confidence,
             "energy": -rule.temperature * torch.logsumexp(logits / rule.temperature, dim=1),
-            "mahalanobis": rule.distance(features),
-            "shipped_rule": rule.uncertain(calibrated.max(dim=1).values, rule.distance(features)).float(),
-            "correct": calibrated.argmax(dim=1)}
+            "mahalanobis": mahalanobis(features),
+            "nearest_neighbour": distances,
+            "shipped_rule": rule.uncertain(confidence, distances).float()}
+
+
+def held_out_distances(classifier: Classifier, validation: datasets.DecodedImages,
+                       training: datasets.DecodedImages) -> torch.Tensor:
+    """Validation's nearest-neighbour distances as the fit measures them: each frame without the training frames
+    of its own video nearby (``train/uncertainty.held_out_views``)."""
+    rule = classifier.uncertainty
+    logits, features = classifier.logits_and_features(validation.images)
+    order = torch.argsort(training.targets, stable=True)  # the bank's order (train/uncertainty.feature_bank)
+    excluded = held_out_views(validation.paths, validation.targets, [training.paths[i] for i in order],
+                              training.targets[order])
+    return nearest_distance(features, logits.argmax(dim=1), rule.bank, rule.offsets, excluded)
 
 
 def main() -> int:
@@ -96,10 +139,14 @@ def main() -> int:
     args = parser.parse_args()
 
     classifier = load_classifier(args.run, device="cpu", precision=args.precision)
+    if classifier.uncertainty.bank is None:
+        raise SystemExit(f"{args.run} has no nearest-neighbour statistics: fruit-train calibrate {args.run}")
     size = classifier.config.input_size
-    files = datasets.validation_of_run(classifier.metadata, classifier.labels)
-    validation = datasets.decode_images([p for p, _ in files], [t for _, t in files], classifier.config,
-                                        progress=False)
+    train_files, files = datasets.splits_of_run(classifier.metadata, classifier.labels)
+    validation, training = (datasets.decode_images([p for p, _ in f], [t for _, t in f], classifier.config,
+                                                   progress=False) for f in (files, train_files))
+    mahalanobis = Mahalanobis(classifier.logits_and_features(training.images)[1], training.targets,
+                              len(classifier.labels))
     rng = random.Random(args.seed)
     picks = [decode_image(p.read_bytes()) for p in rng.sample(validation.paths, min(args.per_set, len(files)))]
     sets: dict[str, torch.Tensor] = {"validation": validation.images}
@@ -113,13 +160,16 @@ def main() -> int:
     if photos:
         sets["real non-fruit photos"] = to_batch(photos, size)
 
-    scored = {name: scores_of(classifier, images) for name, images in sets.items()}
+    scored = {name: scores_of(classifier, images, mahalanobis) for name, images in sets.items()}
+    scored = {"validation, neighbours held out": scores_of(classifier, validation.images, mahalanobis,
+                                                           held_out_distances(classifier, validation, training)),
+              **scored}
     augmented = augmented_validation(classifier, validation.images, validation.targets, args.seed)
     results: dict = {"run": str(args.run), "precision": classifier.precision,
                      "rule": {k: v for k, v in classifier.metadata.get("uncertainty", {}).items()
                               if k in ("temperature", "min_confidence", "max_distance", "score")},
-                     "sets": {name: len(images) for name, images in sets.items()}, "methods": {}}
-    for method in ("top_probability", "energy", "mahalanobis"):
+                     "sets": {name: len(s["shipped_rule"]) for name, s in scored.items()}, "methods": {}}
+    for method in ("top_probability", "energy", "mahalanobis", "nearest_neighbour"):
         results["methods"][method] = {}
         for rate in VALIDATION_FLAG_RATES:
             threshold = float(torch.quantile(scored["validation"][method].double(), 1 - rate))
@@ -132,6 +182,7 @@ def main() -> int:
         for rate, row in rows.items():
             print(f"{method:16s} {rate}: " + ", ".join(f"{k} {v:.1%}" for k, v in row.items()), flush=True)
     print("shipped rule: " + ", ".join(f"{k} {v:.1%}" for k, v in results["shipped_rule_flagged"].items()))
+    results["raw_top_probability_flagged"] = raw_top_probability(classifier, sets)
     if args.report_test:
         results["test"] = report_test(classifier, args.test_images)
         print("Test:", results["test"])
@@ -147,7 +198,8 @@ def augmented_validation(classifier: Classifier, images: torch.Tensor, targets: 
     logits, features = classifier.logits_and_features(images)
     rule = classifier.uncertainty
     probabilities = rule.calibrated(logits)
-    uncertain = rule.uncertain(probabilities.max(dim=1).values, rule.distance(features))
+    confidence, predicted = probabilities.max(dim=1)
+    uncertain = rule.uncertain(confidence, rule.distance(features, predicted))
     correct = probabilities.argmax(dim=1) == targets
     answered = ~uncertain
     raw = torch.softmax(logits, dim=1).max(dim=1).values
@@ -158,6 +210,17 @@ def augmented_validation(classifier: Classifier, images: torch.Tensor, targets: 
                              "errors_flagged": f"{int(uncertain[~correct].sum())}/{int((~correct).sum())}"},
             "plain_top_probability_same_share": {"answered": round(float(same_share.double().mean()), 4),
                                                  "accuracy_answered": round(float(correct[same_share].double().mean()), 5)}}
+
+
+def raw_top_probability(classifier: Classifier, sets: dict[str, torch.Tensor]) -> dict:
+    """The share each set has below an uncalibrated top probability of 0.5 and 0.7: what issue 18 measured the
+    held-out shop photos at (75.6 % and 91.0 % flagged), to see which of these sets are as easy or hard."""
+    out = {}
+    for name, images in sets.items():
+        top = torch.softmax(classifier.logits(images), dim=1).max(dim=1).values
+        out[name] = {"below_0.5": round(float((top < 0.5).double().mean()), 4),
+                     "below_0.7": round(float((top < 0.7).double().mean()), 4)}
+    return out
 
 
 def report_test(classifier: Classifier, folder: Path) -> dict:
@@ -172,9 +235,13 @@ def report_test(classifier: Classifier, folder: Path) -> dict:
         return {"answered": round(float(answered.double().mean()), 5),
                 "accuracy_answered": round(float(correct[answered].double().mean()), 5)}
 
+    rule = classifier.uncertainty
+    confidence = prediction.probabilities.max(dim=1).values
     return {"images": len(test.targets), "top1": round(float(correct.double().mean()), 5),
             "shipped_rule": summary(~prediction.uncertain),
             "errors_flagged": round(float(prediction.uncertain[~correct].double().mean()), 4),
+            "flagged_by_distance": round(float((prediction.distances > rule.max_distance).double().mean()), 5),
+            "flagged_by_confidence": round(float((confidence < rule.min_confidence).double().mean()), 5),
             "plain_top_probability_0.5": summary(raw >= 0.5), "plain_top_probability_0.7": summary(raw >= 0.7)}
 
 
