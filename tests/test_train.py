@@ -194,15 +194,20 @@ def test_onnx_export_gives_the_torchscript_answers(trained_run: Path, demo_data:
         assert float((onnx_probs - served).abs().max()) <= 1e-4
 
 
-def test_calibrate_refits_an_existing_run_to_the_same_rule(trained_run: Path, tmp_path: Path):
+def test_calibrate_refits_an_existing_run_to_the_same_rule(trained_run: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture):
     run = shutil.copytree(trained_run, tmp_path / "run")
     original = json.loads((run / "metadata.json").read_text())["uncertainty"]
     meta = json.loads((run / "metadata.json").read_text())
     del meta["uncertainty"]
     (run / "metadata.json").write_text(json.dumps(meta))
     (run / "feature_stats.npz").unlink()
-    assert train_main(["calibrate", str(run), "--no-progress"]) == 0
+    with caplog.at_level("WARNING", logger="fruit-train"):
+        assert train_main(["calibrate", str(run), "--no-progress"]) == 0
     refitted = json.loads((run / "metadata.json").read_text())["uncertainty"]
+    # a model too weak for the answered-accuracy target says so, and only then
+    weak = not refitted["augmented"]["accuracy_answered"] >= 0.998
+    assert ("too weak" in caplog.text) == weak
     assert (run / "feature_stats.npz").is_file()
     for key in ("temperature", "max_distance", "min_confidence"):
         assert refitted[key] == pytest.approx(original[key], rel=1e-6), key

@@ -52,7 +52,7 @@ from .reports import (
 )
 from .synthetic import make_demo_data
 from .tracking import CANDIDATE, NoTracker, Tracker, TrackingError, resolve_tracking_uri, start_tracking
-from .uncertainty import fit_rule
+from .uncertainty import ANSWERED_ACCURACY, fit_rule
 from .utils import (
     autocast_dtype,
     git_commit,
@@ -436,6 +436,11 @@ def calibrate(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata:
              "answered %.2f%%; flagged: %s", section["temperature"], section["min_confidence"],
              section["max_distance"], 100 * section["validation"]["answered"],
              ", ".join(f"{k} {v['flagged']:.1%}" for k, v in rates.items()))
+    augmented = section["augmented"]
+    if not augmented["accuracy_answered"] >= ANSWERED_ACCURACY:  # NaN (nothing answered) warns too
+        log.warning("uncertainty: no confidence threshold makes this model's answers %.1f%% right on augmented "
+                    "validation (%.2f%% at %.2f): it is too weak to answer much; train longer", 100 * ANSWERED_ACCURACY,
+                    100 * augmented["accuracy_answered"], section["min_confidence"])
     return metadata
 
 
