@@ -196,10 +196,7 @@ def augmented_validation(classifier: Classifier, images: torch.Tensor, targets: 
     probability answers the same share."""
     images, targets = augmented(images, targets, classifier, seed)
     logits, features = classifier.logits_and_features(images)
-    rule = classifier.uncertainty
-    probabilities = rule.calibrated(logits)
-    confidence, predicted = probabilities.max(dim=1)
-    uncertain = rule.uncertain(confidence, rule.distance(features, predicted))
+    probabilities, _, uncertain = classifier.uncertainty.assess(logits, features)
     correct = probabilities.argmax(dim=1) == targets
     answered = ~uncertain
     raw = torch.softmax(logits, dim=1).max(dim=1).values

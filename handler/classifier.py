@@ -204,9 +204,7 @@ class Classifier:
 
     def predict(self, images: torch.Tensor) -> Prediction:
         logits, features = self.logits_and_features(images)
-        probabilities = self.uncertainty.calibrated(logits)
-        distances = self.uncertainty.distance(features, probabilities.argmax(dim=1))
-        uncertain = self.uncertainty.uncertain(probabilities.max(dim=1).values, distances)
+        probabilities, distances, uncertain = self.uncertainty.assess(logits, features)
         return Prediction(probabilities, features, distances, uncertain)
 
     def answers(self, images: torch.Tensor, top_k: Sequence[int]) -> list[dict]:

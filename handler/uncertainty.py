@@ -84,6 +84,13 @@ class UncertaintyRule:
             return torch.full((len(features),), float("nan"))
         return nearest_distance(features, classes, self.bank, self.offsets)
 
+    def assess(self, logits: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole rule on one batch: calibrated probabilities, the distance to the predicted class, the flags."""
+        probabilities = self.calibrated(logits)
+        confidence, predicted = probabilities.max(dim=1)
+        distances = self.distance(features, predicted)
+        return probabilities, distances, self.uncertain(confidence, distances)
+
     def uncertain(self, confidence: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
         flagged = confidence < self.min_confidence
         if self.max_distance is not None:

@@ -91,6 +91,12 @@ def test_rule_flags_low_confidence_or_far_inputs():
     assert rule.uncertain(confidence, distance).tolist() == [False, True, True]
     assert torch.allclose(rule.calibrated(torch.tensor([[2.0, 0.0]])), torch.softmax(torch.tensor([[1.0, 0.0]]), 1))
     assert rule.with_overrides({"max_distance": 2}).uncertain(confidence, distance).tolist() == [False, True, False]
+    # the whole rule from logits: the distance is to the class the calibrated softmax names
+    logits = torch.tensor([[4.0, 0.0], [0.2, 0.0], [0.0, 4.0]])
+    probabilities, assessed, flagged = rule.assess(logits, torch.tensor([[1.0, 0.1, 0], [1, 0, 0], [1, 0, 0]]))
+    torch.testing.assert_close(probabilities, rule.calibrated(logits))
+    torch.testing.assert_close(assessed, distance)
+    assert flagged.tolist() == [False, True, True]
     with pytest.raises(ValueError, match="feature statistics"):
         UncertaintyRule().with_overrides({"max_distance": 1})
 

@@ -279,10 +279,7 @@ def evaluate(classifier: Classifier, decoded: datasets.DecodedImages, progress_b
 def answered_metrics(classifier: Classifier, logits: torch.Tensor, features: torch.Tensor,
                      targets: torch.Tensor) -> dict:
     """What the uncertainty rule does to a labelled set: how much is answered, and how accurate that is."""
-    rule = classifier.uncertainty
-    probabilities = rule.calibrated(logits)
-    confidence, predicted = probabilities.max(dim=1)
-    uncertain = rule.uncertain(confidence, rule.distance(features, predicted))
+    probabilities, _, uncertain = classifier.uncertainty.assess(logits, features)
     answered = ~uncertain
     correct = probabilities.argmax(dim=1) == targets
     return {"answered": float(answered.double().mean()),
