@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 from fruitserve.handler.classifier import Classifier, load_classifier
 from fruitserve.handler.preprocessing import decode_image, resize_and_crop, to_uint8_tensor
-from fruitserve.handler.uncertainty import nearest_distance
 from fruitserve.train import data as datasets
 from fruitserve.train.ood import CONDITIONS, composite, texture
-from fruitserve.train.uncertainty import augmented, held_out_views
+from fruitserve.train.uncertainty import augmented, held_out_distance
 from PIL import Image
 
 from bench.report import DEFAULT_IMAGES, save_results
@@ -119,13 +118,10 @@ def scores_of(classifier: Classifier, images: torch.Tensor, mahalanobis: Mahalan
 def held_out_distances(classifier: Classifier, validation: datasets.DecodedImages,
                        training: datasets.DecodedImages) -> torch.Tensor:
     """Validation's nearest-neighbour distances as the fit measures them: each frame without the training frames
-    of its own video nearby (``train/uncertainty.held_out_views``)."""
+    of its own video nearby (``train/uncertainty.held_out_distance``)."""
     rule = classifier.uncertainty
     logits, features = classifier.logits_and_features(validation.images)
-    order = torch.argsort(training.targets, stable=True)  # the bank's order (train/uncertainty.feature_bank)
-    excluded = held_out_views(validation.paths, validation.targets, [training.paths[i] for i in order],
-                              training.targets[order])
-    return nearest_distance(features, logits.argmax(dim=1), rule.bank, rule.offsets, excluded)
+    return held_out_distance(features, logits.argmax(dim=1), validation, training, rule.bank, rule.offsets)[0]
 
 
 def main() -> int:

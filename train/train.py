@@ -411,13 +411,11 @@ def calibrate(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata:
     images made from validation images (``train/ood.py``), picture both, and record them in ``metadata.json``."""
     classifier = load_classifier(run_dir, device=select_device(args.device), precision="fp32",
                                  max_batch=args.eval_batch_size)
-    rule, section, held_out = fit_rule(classifier, splits.train, splits.val, run_dir, args.seed)
+    rule, section, scores = fit_rule(classifier, splits.train, splits.val, run_dir, args.seed)
     classifier.uncertainty = rule
     rng = random.Random(args.seed)
     originals = [decode_image(p.read_bytes(), classifier.config.max_pixels)
                  for p in rng.sample(splits.val.paths, min(OOD_IMAGES, len(splits.val.paths)))]
-    scores = {"validation": classifier.predict(splits.val.images).distances,
-              "validation, neighbours held out": held_out}
     rates = {}
     for name, images in out_of_distribution(originals, len(originals), seed=args.seed).items():
         batch = torch.stack([to_uint8_tensor(resize_and_crop(im, classifier.config.input_size)) for im in images])

@@ -69,10 +69,15 @@ def feature_bank(features: torch.Tensor, targets: torch.Tensor, num_classes: int
     """The normalised ``features`` (N x D) in class order, the row offsets of each class, and the order used. Kept
     at float16 precision, as stored (half the file; distances move by ~1e-4 against thresholds near 0.1), so that
     the fit measures what the server will."""
-    order = torch.argsort(targets, stable=True)
+    order = bank_order(targets)
     counts = torch.bincount(targets, minlength=num_classes)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     return {"features": normalized(features[order]).half().float(), "offsets": offsets, "order": order}
+
+
+def bank_order(targets: torch.Tensor) -> torch.Tensor:
+    """The order of the training images in the bank: by class, stable."""
+    return torch.argsort(targets, stable=True)
 
 
 def save_feature_bank(bank: dict[str, torch.Tensor], path: Path) -> None:
@@ -86,21 +91,32 @@ def held_out_views(query_paths: list[Path], query_targets: torch.Tensor, bank_pa
                    bank_targets: torch.Tensor, frames: int = HOLDOUT_FRAMES) -> torch.Tensor:
     """N x M: bank image j is a frame of query image i's own video within ``frames`` frames (so it is left out of
     i's distance). Files not named as frames hold out nothing."""
-    def ids(paths: list[Path], targets: torch.Tensor, unnamed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def ids(paths: list[Path], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         videos: dict[tuple[int, str], int] = {}
         video, frame = [], []
         for path, target in zip(paths, targets.tolist(), strict=True):
             named = datasets.video_frame(path)
-            video.append(videos.setdefault((target, named[0]), len(videos)) if named else unnamed)
+            video.append(videos.setdefault((target, named[0]), len(videos)) if named else -1)
             frame.append(named[1] if named else 0)
         return torch.tensor(video, dtype=torch.int32), torch.tensor(frame, dtype=torch.int32)
 
     # one numbering of videos for both sides, so that equal ids mean the same video
-    all_ids, all_frames = ids([*query_paths, *bank_paths], torch.cat([query_targets, bank_targets]), -1)
+    all_ids, all_frames = ids([*query_paths, *bank_paths], torch.cat([query_targets, bank_targets]))
     q_video, b_video = all_ids[:len(query_paths)], all_ids[len(query_paths):]
     q_frame, b_frame = all_frames[:len(query_paths)], all_frames[len(query_paths):]
     same_video = (q_video[:, None] == b_video[None, :]) & (q_video[:, None] >= 0)
     return same_video & ((q_frame[:, None] - b_frame[None, :]).abs() <= frames)
+
+
+def held_out_distance(features: torch.Tensor, classes: torch.Tensor, val: datasets.DecodedImages,
+                      train: datasets.DecodedImages, bank: torch.Tensor, offsets: torch.Tensor,
+                      ) -> tuple[torch.Tensor, int]:
+    """Validation's distances as ``max_distance`` is fitted on them: each image of ``val`` (its ``features``, the
+    ``classes`` it is called) without the frames of its own video nearby in ``bank``, the bank of ``train``; and
+    how many of them had frames held out."""
+    order = bank_order(train.targets)
+    excluded = held_out_views(val.paths, val.targets, [train.paths[i] for i in order], train.targets[order])
+    return nearest_distance(features, classes, bank, offsets, excluded), int(excluded.any(dim=1).sum())
 
 
 def expected_calibration_error(probabilities: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
@@ -151,17 +167,16 @@ def share(mask: torch.Tensor) -> float:
 
 
 def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: datasets.DecodedImages, run_dir: Path,
-             seed: int = 0) -> tuple[UncertaintyRule, dict, torch.Tensor]:
+             seed: int = 0) -> tuple[UncertaintyRule, dict, dict[str, torch.Tensor]]:
     """Fit the rule on ``classifier`` (the exported model, fp32) and write ``feature_stats.npz``; the rule, the
     ``uncertainty`` section of ``metadata.json`` (thresholds, and what they do on validation), and validation's
-    distances with the neighbours held out (what ``max_distance`` is the percentile of)."""
+    distances, as it is and with the neighbours held out (what ``max_distance`` is the percentile of)."""
     bank = feature_bank(classifier.logits_and_features(train.images)[1], train.targets, len(classifier.labels))
     save_feature_bank(bank, run_dir / FEATURE_STATS_FILE)
     val_logits, val_features = classifier.logits_and_features(val.images)
     predicted = val_logits.argmax(dim=1)
-    excluded = held_out_views(val.paths, val.targets, [train.paths[i] for i in bank["order"]],
-                              train.targets[bank["order"]])
-    held_out = nearest_distance(val_features, predicted, bank["features"], bank["offsets"], excluded)
+    held_out, held_out_views_count = held_out_distance(val_features, predicted, val, train, bank["features"],
+                                                       bank["offsets"])
     max_distance = float(torch.quantile(held_out.double(), 1 - DISTANCE_FLAG_RATE))
     measure = UncertaintyRule(max_distance=max_distance, bank=bank["features"], offsets=bank["offsets"])
 
@@ -181,6 +196,7 @@ def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: dataset
                 "accuracy_answered": share(correct[answered]) if answered.any() else math.nan}
 
     val_probabilities = rule.calibrated(val_logits)
+    val_distances = measure.distance(val_features, predicted)
     return rule, {
         "score": SCORE, "temperature": round(temperature, 5), "min_confidence": min_confidence,
         "max_distance": round(max_distance, 5),
@@ -190,11 +206,11 @@ def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: dataset
                       "temperature": f"validation through the training augmentation, {AUGMENTED_PASSES} passes",
                       "min_confidence": f"the same augmented validation: the lowest of {list(MIN_CONFIDENCE_GRID)} "
                                         f"whose answers are at least {ANSWERED_ACCURACY:.1%} right"},
-        "validation": answered_on(val_probabilities, measure.distance(val_features, predicted), val.targets)
-        | {"held_out_views": int(excluded.any(dim=1).sum()),
+        "validation": answered_on(val_probabilities, val_distances, val.targets)
+        | {"held_out_views": held_out_views_count,
            "answered_held_out": share(~rule.uncertain(val_probabilities.max(dim=1).values, held_out))},
         "augmented": answered_on(augmented_probabilities, augmented_distances, augmented_targets)
         | {"by_min_confidence": by_confidence,
            "ece_before": round(expected_calibration_error(torch.softmax(augmented_logits, 1), augmented_targets), 5),
            "ece_after": round(expected_calibration_error(augmented_probabilities, augmented_targets), 5)},
-    }, held_out
+    }, {"validation": val_distances, "validation, neighbours held out": held_out}
