@@ -27,7 +27,7 @@ from fruitserve.handler.classifier import Classifier, load_classifier
 from fruitserve.handler.preprocessing import decode_image, resize_and_crop, to_uint8_tensor
 from fruitserve.train import data as datasets
 from fruitserve.train.ood import CONDITIONS, composite, texture
-from fruitserve.train.uncertainty import augmented, held_out_distance
+from fruitserve.train.uncertainty import augmented, held_out_distance, holdout_frames
 from PIL import Image
 
 from bench.report import DEFAULT_IMAGES, save_results
@@ -121,7 +121,8 @@ def held_out_distances(classifier: Classifier, validation: datasets.DecodedImage
     of its own video nearby (``train/uncertainty.held_out_distance``)."""
     rule = classifier.uncertainty
     logits, features = classifier.logits_and_features(validation.images)
-    return held_out_distance(features, logits.argmax(dim=1), validation, training, rule.bank, rule.offsets)[0]
+    frames = holdout_frames(classifier.metadata["training"])
+    return held_out_distance(features, logits.argmax(dim=1), validation, training, rule.bank, rule.offsets, frames)[0]
 
 
 def main() -> int:

@@ -83,6 +83,49 @@ def test_stratified_split_is_deterministic_and_keeps_every_class():
     assert {targets[i] for i in train_idx} == {0, 1, 2}
 
 
+def test_stretch_split_holds_out_whole_stretches_of_each_video():
+    # class 0: one video, 40 frames numbered 0, 2, 4, ...; class 1: two videos (plain and r_) of 10 frames each;
+    # class 2: files not named as video frames, split one by one
+    names = ([f"{2 * k}_100.jpg" for k in range(40)] + [f"{k}_100.jpg" for k in range(10)]
+             + [f"r_{k}_100.jpg" for k in range(10)] + [f"photo{k}.jpg" for k in range(5)])
+    paths, targets = [Path("c") / n for n in names], [0] * 40 + [1] * 20 + [2] * 5
+    first = datasets.stretch_split(paths, targets, 0.2, seed=7, stretch=4)
+    assert first == datasets.stretch_split(paths, targets, 0.2, seed=7, stretch=4)
+    assert first != datasets.stretch_split(paths, targets, 0.2, seed=8, stretch=4)
+    train_idx, val_idx = first
+    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == len(targets)
+    assert [sum(targets[i] == c for i in val_idx) for c in range(3)] == [8, 4, 1]
+    assert {targets[i] for i in train_idx} == {0, 1, 2}
+    # class 0 lost two whole stretches: positions 4k..4k+3 of its sorted frames, never scattered frames
+    positions = [int(names[i].split("_")[0]) // 2 for i in val_idx if targets[i] == 0]
+    stretches = {p // 4 for p in positions}
+    assert len(stretches) == 2 and sorted(positions) == sorted(4 * s + k for s in stretches for k in range(4))
+    # stretches of one frame are random frames: the split fruit-train drew before --val-stretch, so older runs
+    # keep theirs; files not named as frames (any image folder) get that very split at any stretch
+    assert datasets.stretch_split(paths, targets, 0.2, seed=7, stretch=1) == datasets.stratified_split(targets, 0.2, 7)
+    plain = [Path(f"{k:04d}.jpg") for k in range(len(targets))]
+    assert datasets.stretch_split(plain, targets, 0.2, seed=7, stretch=4) == datasets.stratified_split(targets, 0.2, 7)
+    with pytest.raises(datasets.DatasetError, match="--val-stretch"):
+        datasets.stretch_split(paths, targets, 0.2, seed=7, stretch=0)
+
+
+def test_a_run_is_split_again_as_it_was_trained(tmp_path):
+    """``splits_of_run`` (calibration, robustness, the uncertainty bench): stretches for a run that recorded its
+    ``val_stretch``, random frames for a run from before it."""
+    root = _folder(tmp_path, {c: {f"{k}_100.jpg": b"x" for k in range(20)} for c in ("Apple", "Banana")})
+    index = datasets.index_image_folder(root)
+
+    def validation(training: dict) -> list[Path]:
+        return [path for path, _ in datasets.splits_of_run({"dataset": {"train_root": str(root)}, "training": training},
+                                                           index.classes)[1]]
+
+    stretches = datasets.stretch_split(index.paths, index.targets, 0.25, 3, 4)[1]
+    random_frames = datasets.stratified_split(index.targets, 0.25, 3)[1]
+    assert stretches != random_frames
+    assert validation({"val_fraction": 0.25, "seed": 3, "val_stretch": 4}) == [index.paths[i] for i in stretches]
+    assert validation({"val_fraction": 0.25, "seed": 3}) == [index.paths[i] for i in random_frames]
+
+
 def test_synthetic_generator_is_deterministic(tmp_path):
     a = make_demo_data(tmp_path / "a", train_per_class=2, test_per_class=1, seed=3)
     b = make_demo_data(tmp_path / "b", train_per_class=2, test_per_class=1, seed=3)

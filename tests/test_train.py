@@ -93,6 +93,25 @@ def test_same_seed_gives_same_metrics(demo_data: Path, tmp_path: Path):
     assert losses[0] == losses[1]
 
 
+def test_export_epoch_last_runs_the_whole_schedule_and_exports_its_final_weights(demo_data: Path, tmp_path: Path):
+    # --patience 0 stops a best-epoch run after its first epoch; --export-epoch last ignores it
+    args = ["train", "--data", str(demo_data), "--output-dir", str(tmp_path), *TINY_TRAIN_ARGS, "--epochs", "3",
+            "--patience", "0", "--val-stretch", "4"]
+    assert train_main([*args, "--run-name", "best"]) == 0
+    assert train_main([*args, "--run-name", "last", "--export-epoch", "last"]) == 0
+    best, last = (json.loads((tmp_path / r / "metadata.json").read_text()) for r in ("best", "last"))
+    assert (best["epochs_run"], best["exported_epoch"]) == (1, 0)
+    assert (last["epochs_run"], last["exported_epoch"]) == (3, 2)
+    assert last["training"]["val_stretch"] == 4
+    final = build_model("resnet18", len(CLASSES))
+    final.load_state_dict(torch.load(tmp_path / "last" / "checkpoint.pt", weights_only=True)["model"])
+    final.eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(load_torchscript(tmp_path / "last" / "model.pt", torch.device("cpu"))(x), final(x),
+                                   atol=1e-5, rtol=0)
+
+
 def test_interrupted_run_resumes_to_the_same_result(demo_data: Path, tmp_path: Path, monkeypatch):
     args = ["train", "--data", str(demo_data), "--output-dir", str(tmp_path), *TINY_TRAIN_ARGS, "--epochs", "3"]
     assert train_main([*args, "--run-name", "full"]) == 0

@@ -134,6 +134,61 @@ def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tupl
     return sorted(train_idx), sorted(val_idx)
 
 
+def frame_stretches(paths: list[Path], targets: list[int], stretch: int) -> dict[int, list[list[int]]]:
+    """Per class, indices grouped into runs of ``stretch`` consecutive frames of one video; a file not named as a
+    video frame is a group of its own."""
+    videos: dict[tuple[int, str], list[tuple[int, int]]] = {}
+    groups: dict[int, list[list[int]]] = {}
+    for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
+        frame = video_frame(path)
+        if frame is None:
+            groups.setdefault(target, []).append([i])
+        else:
+            videos.setdefault((target, frame[0]), []).append((frame[1], i))
+    for (target, _), frames in sorted(videos.items()):
+        order = [i for _, i in sorted(frames)]
+        groups.setdefault(target, []).extend(order[k:k + stretch] for k in range(0, len(order), stretch))
+    return groups
+
+
+def stretch_split(paths: list[Path], targets: list[int], val_fraction: float, seed: int,
+                  stretch: int) -> tuple[list[int], list[int]]:
+    """Per-class split that holds out whole stretches of ``stretch`` consecutive video frames, as Fruits-360's Test
+    does, so that validation holds what Test holds: the same fruits from angles the model did not train on.
+    Neighbouring frames are near-copies; a random split (``stretch`` 1, ``stratified_split``) leaves each
+    validation frame a trained twin a few frames away, and whatever is fitted on it (the uncertainty thresholds)
+    sees easier inputs than Test brings. Files not named as frames are split at random; the same seed gives the
+    same split, and every class keeps at least one training image."""
+    if stretch < 1:
+        raise DatasetError(f"--val-stretch must be at least 1 frame, got {stretch}")
+    if stretch == 1:
+        return stratified_split(targets, val_fraction, seed)
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    groups = frame_stretches(paths, targets, stretch)
+    val_idx: list[int] = []
+    for target in sorted(groups):
+        blocks = groups[target]
+        size = sum(len(b) for b in blocks)
+        want = min(size - 1, round(size * val_fraction))
+        for k in torch.randperm(len(blocks), generator=generator).tolist():
+            if want <= 0:
+                break
+            taken = blocks[k][:want]  # the last stretch cut short, so every class gets its share exactly
+            val_idx += taken
+            want -= len(taken)
+    held_out = set(val_idx)
+    return [i for i in range(len(targets)) if i not in held_out], sorted(val_idx)
+
+
+def split_of_args(paths: list[Path], targets: list[int], training: dict) -> tuple[list[int], list[int]]:
+    """The split a run's options (``metadata["training"]`` or fruit-train's own) name; runs from before
+    ``--val-stretch`` took random frames."""
+    return stretch_split(paths, targets, float(training["val_fraction"]), int(training["seed"]),
+                         int(training.get("val_stretch") or 1))
+
+
 def splits_of_run(metadata: dict, classes: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
     """A trained run's own training and validation images (path, class id): its Training folder, split again by
     the run's seed and fraction (or its ``--val-dir``), so that work after training (calibration, robustness)
@@ -144,7 +199,7 @@ def splits_of_run(metadata: dict, classes: list[str]) -> tuple[list[tuple[Path, 
     if training.get("val_dir"):
         val_index = index_image_folder(Path(training["val_dir"]), classes)
         return items, list(zip(val_index.paths, val_index.targets, strict=True))
-    train_idx, val_idx = stratified_split(index.targets, float(training["val_fraction"]), int(training["seed"]))
+    train_idx, val_idx = split_of_args(index.paths, index.targets, training)
     return [items[i] for i in train_idx], [items[i] for i in val_idx]
 
 

@@ -52,7 +52,7 @@ from .reports import (
 )
 from .synthetic import make_demo_data
 from .tracking import CANDIDATE, NoTracker, Tracker, TrackingError, resolve_tracking_uri, start_tracking
-from .uncertainty import ANSWERED_ACCURACY, fit_rule
+from .uncertainty import ANSWERED_ACCURACY, fit_rule, holdout_frames
 from .utils import (
     autocast_dtype,
     git_commit,
@@ -77,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-dir", type=Path, help="a separate validation folder (default: carve one from Training)")
     t.add_argument("--test-dir", type=Path, help="folder reported after training (default: DATA/Test when present)")
     t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--val-stretch", type=int, default=1,
+                   help="hold out runs of this many consecutive video frames ([rN_]<frame>_100.jpg), as Fruits-360's "
+                        "Test does; 1 = random images. Files not named as frames are split at random")
     t.add_argument("--output-dir", type=Path, default=Path("runs"), help="each run gets a timestamped folder here")
     t.add_argument("--run-name", help="folder name of this run inside --output-dir")
     t.add_argument("--arch", default="resnet18", choices=ARCHES)
@@ -91,6 +94,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=0.05)
     t.add_argument("--label-smoothing", type=float, default=0.1)
     t.add_argument("--patience", type=int, default=6, help="stop after this many epochs without a better validation macro-F1")
+    t.add_argument("--export-epoch", default="best", choices=("best", "last"),
+                   help="best: the epoch with the best validation macro-F1 (then loss), with early stopping; last: "
+                        "every epoch of the schedule, the final weights exported (as torchvision's references do)")
     t.add_argument("--no-augment", action="store_true", help="train on plain resized images")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
@@ -168,7 +174,7 @@ def load_data(args: argparse.Namespace, config: PreprocessConfig) -> Splits:
         val_index = datasets.index_image_folder(args.val_dir, index.classes)
         val = datasets.decode_images(val_index.paths, val_index.targets, config, desc="decode val", progress=show)
     else:
-        train_idx, val_idx = datasets.stratified_split(index.targets, args.val_fraction, args.seed)
+        train_idx, val_idx = datasets.split_of_args(index.paths, index.targets, vars(args))
         train, val = (datasets.decode_images([index.paths[i] for i in idx], [index.targets[i] for i in idx], config,
                                              desc=f"decode {name}", progress=show)
                       for name, idx in (("train", train_idx), ("val", val_idx)))
@@ -361,7 +367,7 @@ def fit(setup: TrainingSetup, splits: Splits, run_dir: Path, state: Progress, ar
         log.info("epoch %d: loss %.4f train acc %.4f | val top-1 %.4f macro-F1 %.4f loss %.4f%s | %.0f img/s, %.0f s",
                  epoch, row["train_loss"], row["train_acc"], row["val_top1"], row["val_macro_f1"], row["val_loss"],
                  " *" if improved else "", row["train_img_per_s"], row["epoch_seconds"])
-        if epoch - state.best_epoch >= args.patience:
+        if args.export_epoch == "best" and epoch - state.best_epoch >= args.patience:
             log.info("early stop: no better validation macro-F1 (or loss at equal F1) for %d epochs", args.patience)
             break
     state.train_seconds = time.perf_counter() - start + sum(r["epoch_seconds"] for r in state.history[:state.start_epoch])
@@ -369,9 +375,11 @@ def fit(setup: TrainingSetup, splits: Splits, run_dir: Path, state: Progress, ar
     return state
 
 
-def export(setup: TrainingSetup, splits: Splits, run_dir: Path) -> float:
-    """The best epoch's weights as ``model.pt`` (fp32 TorchScript) and the labels; returns max |scripted - eager|."""
-    setup.model.load_state_dict(torch.load(run_dir / "best.pt", map_location=setup.device, weights_only=True))
+def export(setup: TrainingSetup, splits: Splits, run_dir: Path, export_epoch: str) -> float:
+    """The best (or with ``--export-epoch last`` the final) epoch's weights as ``model.pt`` (fp32 TorchScript) and
+    the labels; returns max |scripted - eager|."""
+    if export_epoch == "best":
+        setup.model.load_state_dict(torch.load(run_dir / "best.pt", map_location=setup.device, weights_only=True))
     example = normalize(splits.val.images[: min(8, len(splits.val.images))], setup.config.mean, setup.config.std)
     export_diff = export_torchscript(setup.model, run_dir / MODEL_FILE, example)
     log.info("exported TorchScript to %s (max |scripted - eager| = %.2e)", run_dir / MODEL_FILE, export_diff)
@@ -411,7 +419,8 @@ def calibrate(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata:
     images made from validation images (``train/ood.py``), picture both, and record them in ``metadata.json``."""
     classifier = load_classifier(run_dir, device=select_device(args.device), precision="fp32",
                                  max_batch=args.eval_batch_size)
-    rule, section, scores = fit_rule(classifier, splits.train, splits.val, run_dir, args.seed)
+    rule, section, scores = fit_rule(classifier, splits.train, splits.val, run_dir, args.seed,
+                                     holdout_frames(vars(args)))
     classifier.uncertainty = rule
     rng = random.Random(args.seed)
     originals = [decode_image(p.read_bytes(), classifier.config.max_pixels)
@@ -474,7 +483,9 @@ def write_metadata(run_dir: Path, args: argparse.Namespace, setup: TrainingSetup
                     "test_root": str(splits.test_root) if splits.test_root else None},
         "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"},
         "tracking": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker.run_id else None,
-        "epochs_run": len(state.history), "best_epoch": state.best_epoch, "train_seconds": round(state.train_seconds, 1),
+        "epochs_run": len(state.history), "best_epoch": state.best_epoch,
+        "exported_epoch": state.best_epoch if args.export_epoch == "best" else len(state.history) - 1,
+        "train_seconds": round(state.train_seconds, 1),
         "device": str(setup.device), "torch_threads": torch.get_num_threads(),
         "train_autocast": str(setup.amp_dtype).removeprefix("torch.") if setup.amp_dtype else "float32",
         "export_max_abs_diff": export_diff,
@@ -514,7 +525,7 @@ def run_training(args: argparse.Namespace) -> Path:
                   resume_run_id=checkpoint.get("tracking_run_id") if checkpoint else None)
     try:
         state = fit(setup, splits, run_dir, state, args, tracker)
-        export_diff = export(setup, splits, run_dir)
+        export_diff = export(setup, splits, run_dir, args.export_epoch)
         metadata = write_metadata(run_dir, args, setup, splits, state, export_diff, tracker)
         metadata = calibrate(run_dir, splits, args, metadata)
         quantize(run_dir, splits, args)

@@ -108,14 +108,21 @@ def held_out_views(query_paths: list[Path], query_targets: torch.Tensor, bank_pa
     return same_video & ((q_frame[:, None] - b_frame[None, :]).abs() <= frames)
 
 
+def holdout_frames(training: dict) -> int:
+    """How near (in frames) a validation frame's own-video training frames are left out of its distance, for a run
+    trained with these options: ``HOLDOUT_FRAMES`` for a split of random frames; none when ``--val-stretch`` held
+    whole stretches out of training, since then the network never saw those neighbours, nor does the bank."""
+    return 0 if int(training.get("val_stretch") or 1) > 1 else HOLDOUT_FRAMES
+
+
 def held_out_distance(features: torch.Tensor, classes: torch.Tensor, val: datasets.DecodedImages,
                       train: datasets.DecodedImages, bank: torch.Tensor, offsets: torch.Tensor,
-                      ) -> tuple[torch.Tensor, int]:
+                      frames: int) -> tuple[torch.Tensor, int]:
     """Validation's distances as ``max_distance`` is fitted on them: each image of ``val`` (its ``features``, the
-    ``classes`` it is called) without the frames of its own video nearby in ``bank``, the bank of ``train``; and
-    how many of them had frames held out."""
+    ``classes`` it is called) without the frames of its own video within ``frames`` in ``bank``, the bank of
+    ``train``; and how many of them had frames held out."""
     order = bank_order(train.targets)
-    excluded = held_out_views(val.paths, val.targets, [train.paths[i] for i in order], train.targets[order])
+    excluded = held_out_views(val.paths, val.targets, [train.paths[i] for i in order], train.targets[order], frames)
     return nearest_distance(features, classes, bank, offsets, excluded), int(excluded.any(dim=1).sum())
 
 
@@ -167,16 +174,17 @@ def share(mask: torch.Tensor) -> float:
 
 
 def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: datasets.DecodedImages, run_dir: Path,
-             seed: int = 0) -> tuple[UncertaintyRule, dict, dict[str, torch.Tensor]]:
+             seed: int = 0, frames: int = HOLDOUT_FRAMES) -> tuple[UncertaintyRule, dict, dict[str, torch.Tensor]]:
     """Fit the rule on ``classifier`` (the exported model, fp32) and write ``feature_stats.npz``; the rule, the
     ``uncertainty`` section of ``metadata.json`` (thresholds, and what they do on validation), and validation's
-    distances, as it is and with the neighbours held out (what ``max_distance`` is the percentile of)."""
+    distances, as it is and with the neighbours within ``frames`` held out (what ``max_distance`` is the
+    percentile of; ``holdout_frames`` says how many for a run)."""
     bank = feature_bank(classifier.logits_and_features(train.images)[1], train.targets, len(classifier.labels))
     save_feature_bank(bank, run_dir / FEATURE_STATS_FILE)
     val_logits, val_features = classifier.logits_and_features(val.images)
     predicted = val_logits.argmax(dim=1)
     held_out, held_out_views_count = held_out_distance(val_features, predicted, val, train, bank["features"],
-                                                       bank["offsets"])
+                                                       bank["offsets"], frames)
     max_distance = float(torch.quantile(held_out.double(), 1 - DISTANCE_FLAG_RATE))
     measure = UncertaintyRule(max_distance=max_distance, bank=bank["features"], offsets=bank["offsets"])
 
@@ -202,7 +210,7 @@ def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: dataset
         "max_distance": round(max_distance, 5),
         "fitted_on": {"feature_bank": f"training ({len(train.targets)} images)",
                       "max_distance": f"validation, {1 - DISTANCE_FLAG_RATE:.1%} percentile, without the training "
-                                      f"frames of its own video within {HOLDOUT_FRAMES} frames",
+                                      f"frames of its own video within {frames} frames",
                       "temperature": f"validation through the training augmentation, {AUGMENTED_PASSES} passes",
                       "min_confidence": f"the same augmented validation: the lowest of {list(MIN_CONFIDENCE_GRID)} "
                                         f"whose answers are at least {ANSWERED_ACCURACY:.1%} right"},
