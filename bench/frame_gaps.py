@@ -2,11 +2,12 @@
 
     .venv/bin/python -m bench.frame_gaps [--data ../shared/data/fruits-360] [--val-fraction 0.1] [--seed 0]
 
-Fruits-360 names every image ``[rN_]<frame>_100.jpg``: one video per class and prefix. The run's validation split
-(``train/data.stratified_split``, as ``fruit-train`` draws it) takes random frames, each with trained neighbours a
-few frames away; Test holds whole stretches of the same videos that Training lacks. So the uncertainty rule's
-distance threshold, fitted on validation, sees nearer views than Test brings. Reads file names only, never pixels.
-Writes ``bench/results/frame_gaps.json``.
+Fruits-360 names every image ``[rN_]<frame>_100.jpg``: one video per class and prefix. A validation split of
+random frames (``--val-stretch 1``) leaves each validation frame trained neighbours a few frames away; Test holds
+whole stretches of the same videos that Training lacks. So an uncertainty threshold fitted on such a validation
+sees nearer views than Test brings. ``train/data.stretch_split`` holds out whole stretches instead: this measures
+both sides for each stretch in ``STRETCHES``. Reads file names only, never pixels. Writes
+``bench/results/frame_gaps.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fruitserve.train import data as datasets
 from bench.report import DEFAULT_IMAGES, save_results
 
 Video = tuple[int, str]  # (class id, prefix)
+STRETCHES = (1, 4, 6, 8, 10, 12)
 
 
 def frames_by_video(paths: list[Path], targets: list[int]) -> dict[Video, list[int]]:
@@ -51,14 +53,15 @@ def main() -> None:
     args = parser.parse_args()
     training = datasets.index_image_folder(args.data / "Training")
     test = datasets.index_image_folder(args.data / "Test", training.classes)
-    train_idx, val_idx = datasets.stratified_split(training.targets, args.val_fraction, args.seed)
-    pick = lambda idx: ([training.paths[i] for i in idx], [training.targets[i] for i in idx])  # noqa: E731
-    trained = frames_by_video(*pick(train_idx))
-    results = {
-        "validation": summary(gaps(frames_by_video(*pick(val_idx)), trained)),
-        "test": summary(gaps(frames_by_video(test.paths, test.targets), trained)),
-        "val_fraction": args.val_fraction, "seed": args.seed,
-    }
+    results: dict = {"val_fraction": args.val_fraction, "seed": args.seed, "by_val_stretch": {}}
+    for stretch in STRETCHES:
+        train_idx, val_idx = datasets.stretch_split(training.paths, training.targets, args.val_fraction, args.seed,
+                                                    stretch)
+        pick = lambda idx: ([training.paths[i] for i in idx], [training.targets[i] for i in idx])  # noqa: E731
+        trained = frames_by_video(*pick(train_idx))
+        results["by_val_stretch"][str(stretch)] = {
+            "validation": summary(gaps(frames_by_video(*pick(val_idx)), trained)),
+            "test": summary(gaps(frames_by_video(test.paths, test.targets), trained))}
     save_results("frame_gaps", results)
 
 
