@@ -103,6 +103,8 @@ def test_export_epoch_last_runs_the_whole_schedule_and_exports_its_final_weights
     assert (best["epochs_run"], best["exported_epoch"]) == (1, 0)
     assert (last["epochs_run"], last["exported_epoch"]) == (3, 2)
     assert last["training"]["val_stretch"] == 4
+    # validation held out of training in stretches: max_distance is fitted on it as it is, no frames held out again
+    assert last["uncertainty"]["fitted_on"]["max_distance"].endswith("as it is (held out of training in whole stretches)")
     final = build_model("resnet18", len(CLASSES))
     final.load_state_dict(torch.load(tmp_path / "last" / "checkpoint.pt", weights_only=True)["model"])
     final.eval()

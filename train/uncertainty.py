@@ -209,8 +209,9 @@ def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: dataset
         "score": SCORE, "temperature": round(temperature, 5), "min_confidence": min_confidence,
         "max_distance": round(max_distance, 5),
         "fitted_on": {"feature_bank": f"training ({len(train.targets)} images)",
-                      "max_distance": f"validation, {1 - DISTANCE_FLAG_RATE:.1%} percentile, without the training "
-                                      f"frames of its own video within {frames} frames",
+                      "max_distance": f"validation, {1 - DISTANCE_FLAG_RATE:.1%} percentile, "
+                                      + (f"without the training frames of its own video within {frames} frames"
+                                         if frames else "as it is (held out of training in whole stretches)"),
                       "temperature": f"validation through the training augmentation, {AUGMENTED_PASSES} passes",
                       "min_confidence": f"the same augmented validation: the lowest of {list(MIN_CONFIDENCE_GRID)} "
                                         f"whose answers are at least {ANSWERED_ACCURACY:.1%} right"},
