@@ -43,7 +43,8 @@ def main() -> int:
     img_s = [float(r[header.index("train_img_per_s")]) for r in rows]
     result = {
         "run": str(run), "arch": meta["arch"], "input_size": meta["input_size"], "epochs_run": meta["epochs_run"],
-        "best_epoch": meta["best_epoch"], "train_images": meta["dataset"]["train_images"],
+        "best_epoch": meta["best_epoch"],
+        "exported_epoch": meta.get("exported_epoch", meta["best_epoch"]), "train_images": meta["dataset"]["train_images"],
         "test_images": test["images"], "test_top1": test["top1"], "test_top5": test["top5"],
         "test_macro_f1": test["macro_f1"], "val_macro_f1": meta["metrics"]["validation"]["macro_f1"],
         "train_minutes": meta["train_seconds"] / 60, "wall_minutes": wall / 60,
@@ -51,9 +52,9 @@ def main() -> int:
         "peak_rss_mib": peak_mib,
     }
     save_results("training", result)
-    print("| arch | size | epochs (best) | Test top-1 | Test macro-F1 | top-5 | train min | wall min | train img/s "
+    print("| arch | size | epochs (exported) | Test top-1 | Test macro-F1 | top-5 | train min | wall min | train img/s "
           "| eval img/s | peak RSS |")
-    print(f"| {result['arch']} | {result['input_size']} | {result['epochs_run']} ({result['best_epoch']}) "
+    print(f"| {result['arch']} | {result['input_size']} | {result['epochs_run']} ({result['exported_epoch']}) "
           f"| {result['test_top1']:.4f} | {result['test_macro_f1']:.4f} | {result['test_top5']:.4f} "
           f"| {result['train_minutes']:.1f} | {result['wall_minutes']:.1f} | {result['train_img_per_s']:.0f} "
           f"| {result['eval_img_per_s']:.0f} | {peak_mib:.0f} MiB |")

@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.uncertainty --run runs/<run> [--report-test]
 
 Sets (never Fruits-360 Test for choosing): the run's validation split (in distribution: must stay answered), as it
-is and with each frame's neighbours held out of the feature bank as the fit does (``train/uncertainty.py``); each
+is and, for a run of random frames, with each frame's neighbours held out of the feature bank as the fit does
+(``train/uncertainty.holdout_frames``; a run split by ``--val-stretch`` has them out of training already); each
 shift of ``train/ood.py`` applied to validation images (background, small and off-centre, light, blur and JPEG,
 all together); composites of several fruits; textures with no fruit; and real photos that are not fruit, from the
 sample images scikit-image and matplotlib ship (crops at several scales). Scores compared: the calibrated top
@@ -158,9 +159,10 @@ def main() -> int:
         sets["real non-fruit photos"] = to_batch(photos, size)
 
     scored = {name: scores_of(classifier, images, mahalanobis) for name, images in sets.items()}
-    scored = {"validation, neighbours held out": scores_of(classifier, validation.images, mahalanobis,
-                                                           held_out_distances(classifier, validation, training)),
-              **scored}
+    if holdout_frames(classifier.metadata["training"]):  # a run split by --val-stretch: validation is already that
+        scored = {"validation, neighbours held out": scores_of(classifier, validation.images, mahalanobis,
+                                                               held_out_distances(classifier, validation, training)),
+                  **scored}
     augmented = augmented_validation(classifier, validation.images, validation.targets, args.seed)
     results: dict = {"run": str(args.run), "precision": classifier.precision,
                      "rule": {k: v for k, v in classifier.metadata.get("uncertainty", {}).items()

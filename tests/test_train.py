@@ -104,7 +104,13 @@ def test_export_epoch_last_runs_the_whole_schedule_and_exports_its_final_weights
     assert (last["epochs_run"], last["exported_epoch"]) == (3, 2)
     assert last["training"]["val_stretch"] == 4
     # validation held out of training in stretches: max_distance is fitted on it as it is, no frames held out again
-    assert last["uncertainty"]["fitted_on"]["max_distance"].endswith("as it is (held out of training in whole stretches)")
+    fitted_on = last["uncertainty"]["fitted_on"]["max_distance"]
+    assert fitted_on.endswith("as it is (split by --val-stretch: no frames held out again)")
+    # fruit-train calibrate refits it from what the run recorded, not from its own command line
+    assert train_main(["calibrate", str(tmp_path / "last"), "--no-progress"]) == 0
+    refitted = json.loads((tmp_path / "last" / "metadata.json").read_text())["uncertainty"]
+    assert refitted["fitted_on"]["max_distance"] == fitted_on
+    assert refitted["max_distance"] == pytest.approx(last["uncertainty"]["max_distance"], abs=1e-4)
     final = build_model("resnet18", len(CLASSES))
     final.load_state_dict(torch.load(tmp_path / "last" / "checkpoint.pt", weights_only=True)["model"])
     final.eval()
@@ -133,6 +139,8 @@ def test_interrupted_run_resumes_to_the_same_result(demo_data: Path, tmp_path: P
     assert not (tmp_path / "part" / "model.pt").exists()
     monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
 
+    # resumed with another split or schedule, it would train on other images: refused, the options named
+    assert train_main([*args, "--resume", str(tmp_path / "part"), "--val-stretch", "4"]) == 2
     assert train_main([*args, "--resume", str(tmp_path / "part")]) == 0
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     resumed = json.loads((tmp_path / "part" / "metrics.json").read_text())

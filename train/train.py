@@ -93,7 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (AdamW)")
     t.add_argument("--weight-decay", type=float, default=0.05)
     t.add_argument("--label-smoothing", type=float, default=0.1)
-    t.add_argument("--patience", type=int, default=6, help="stop after this many epochs without a better validation macro-F1")
+    t.add_argument("--patience", type=int, default=6,
+                   help="stop after this many epochs without a better validation macro-F1 (--export-epoch best only)")
     t.add_argument("--export-epoch", default="best", choices=("best", "last"),
                    help="best: the epoch with the best validation macro-F1 (then loss), with early stopping; last: "
                         "every epoch of the schedule, the final weights exported (as torchvision's references do)")
@@ -340,6 +341,19 @@ def open_run(args: argparse.Namespace) -> tuple[Path, dict | None]:
     return run_dir, None
 
 
+# What a resumed run must be given again as it was: they decide which images it trains on, its schedule and
+# which weights it exports. Checked against checkpoint.pt's own record (runs from before it are not checked).
+RESUME_OPTIONS = ("val_fraction", "val_stretch", "seed", "epochs", "batch_size", "export_epoch")
+
+
+def check_resume_options(args: argparse.Namespace, checkpoint: dict) -> None:
+    recorded = checkpoint.get("options", {})
+    changed = [f"--{k.replace('_', '-')} {recorded[k]} (given {getattr(args, k)})" for k in RESUME_OPTIONS
+               if k in recorded and recorded[k] != getattr(args, k)]
+    if changed:
+        raise datasets.DatasetError("--resume: give the options this run was started with: " + ", ".join(changed))
+
+
 def fit(setup: TrainingSetup, splits: Splits, run_dir: Path, state: Progress, args: argparse.Namespace,
         tracker: Tracker | NoTracker) -> Progress:
     """Epochs until ``--epochs`` or early stopping; ``best.pt`` keeps the best epoch by validation macro-F1, then loss."""
@@ -361,7 +375,8 @@ def fit(setup: TrainingSetup, splits: Splits, run_dir: Path, state: Progress, ar
             save_atomic(setup.model.state_dict(), run_dir / "best.pt")
         save_atomic(setup.state_dict() | {
             "epoch": epoch, "best_f1": state.best_f1, "best_loss": state.best_loss, "best_epoch": state.best_epoch,
-            "history": state.history, "model_version": state.model_version, "tracking_run_id": tracker.run_id},
+            "history": state.history, "model_version": state.model_version, "tracking_run_id": tracker.run_id,
+            "options": {k: getattr(args, k) for k in RESUME_OPTIONS}},
             run_dir / "checkpoint.pt")
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         log.info("epoch %d: loss %.4f train acc %.4f | val top-1 %.4f macro-F1 %.4f loss %.4f%s | %.0f img/s, %.0f s",
@@ -420,7 +435,7 @@ def calibrate(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata:
     classifier = load_classifier(run_dir, device=select_device(args.device), precision="fp32",
                                  max_batch=args.eval_batch_size)
     rule, section, scores = fit_rule(classifier, splits.train, splits.val, run_dir, args.seed,
-                                     holdout_frames(vars(args)))
+                                     holdout_frames(metadata["training"]))
     classifier.uncertainty = rule
     rng = random.Random(args.seed)
     originals = [decode_image(p.read_bytes(), classifier.config.max_pixels)
@@ -518,6 +533,7 @@ def run_training(args: argparse.Namespace) -> Path:
     setup = make_setup(args, len(splits.classes), len(splits.train.targets), device, generator)
     state = Progress(dt.datetime.now().strftime("%Y%m%d.%H%M%S"))
     if checkpoint is not None:
+        check_resume_options(args, checkpoint)
         setup.load_state_dict(checkpoint)
         state = Progress(checkpoint["model_version"], checkpoint["epoch"] + 1, checkpoint["best_f1"],
                          checkpoint.get("best_loss", float("inf")), checkpoint["best_epoch"], checkpoint["history"])

@@ -2,8 +2,10 @@
 
 - the feature bank: the penultimate features of the training split, L2-normalised and grouped by class, stored in
   ``feature_stats.npz``;
-- ``max_distance``: the distance that leaves ``DISTANCE_FLAG_RATE`` of the validation split flagged when each
-  validation frame is measured *without the training frames of its own video within* ``HOLDOUT_FRAMES``. Fruits-360
+- ``max_distance``: the distance that leaves ``DISTANCE_FLAG_RATE`` of the validation split flagged. A run whose
+  validation held whole stretches of each video out of training (``--val-stretch``) is measured as it is: its
+  frames are as new to the network as Test's. Otherwise each validation frame is measured *without the training
+  frames of its own video within* ``HOLDOUT_FRAMES`` (``holdout_frames``). Fruits-360
   splits are frames of one rotation video per class and prefix: a random validation frame has trained neighbours a
   few frames away, Test's frames lie a median 9 and at p90 26 frames from a trained one (``bench/frame_gaps.py``,
   from file names). Held out like this, validation stands for views as new as Test's; as it is, its threshold
@@ -39,8 +41,9 @@ from .presets import TrainAugment
 
 # The share of the (held-out) validation split the distance alone may flag: its 99.5th percentile.
 DISTANCE_FLAG_RATE = 0.005
-# Training frames of a validation frame's own video this close (in frames) are left out of its distance: Test's p90
-# gap to a trained frame (bench/frame_gaps.py). The BENCHMARKS.md, Uncertainty, log has the thresholds of 0-40.
+# Training frames of a validation frame's own video this close (in frames) are left out of its distance when the
+# split took random frames: Test's p90 gap to a trained frame (bench/frame_gaps.py). The benchmark log has the
+# thresholds of 0-40 (2026-12-07).
 HOLDOUT_FRAMES = 26
 MIN_CONFIDENCE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
 ANSWERED_ACCURACY = 0.998  # what the answered share must reach on augmented validation (issue 18's Test target)
@@ -110,9 +113,11 @@ def held_out_views(query_paths: list[Path], query_targets: torch.Tensor, bank_pa
 
 def holdout_frames(training: dict) -> int:
     """How near (in frames) a validation frame's own-video training frames are left out of its distance, for a run
-    trained with these options: ``HOLDOUT_FRAMES`` for a split of random frames; none when ``--val-stretch`` held
-    whole stretches out of training, since then the network never saw those neighbours, nor does the bank."""
-    return 0 if int(training.get("val_stretch") or 1) > 1 else HOLDOUT_FRAMES
+    trained with these options (``metadata["training"]``): ``HOLDOUT_FRAMES`` for random frames or a ``--val-dir``;
+    none when ``--val-stretch`` held whole stretches out of training, since then the network never saw those
+    neighbours, nor does the bank."""
+    stretches = int(training.get("val_stretch") or 1) > 1 and not training.get("val_dir")
+    return 0 if stretches else HOLDOUT_FRAMES
 
 
 def held_out_distance(features: torch.Tensor, classes: torch.Tensor, val: datasets.DecodedImages,
@@ -211,7 +216,7 @@ def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: dataset
         "fitted_on": {"feature_bank": f"training ({len(train.targets)} images)",
                       "max_distance": f"validation, {1 - DISTANCE_FLAG_RATE:.1%} percentile, "
                                       + (f"without the training frames of its own video within {frames} frames"
-                                         if frames else "as it is (held out of training in whole stretches)"),
+                                         if frames else "as it is (split by --val-stretch: no frames held out again)"),
                       "temperature": f"validation through the training augmentation, {AUGMENTED_PASSES} passes",
                       "min_confidence": f"the same augmented validation: the lowest of {list(MIN_CONFIDENCE_GRID)} "
                                         f"whose answers are at least {ANSWERED_ACCURACY:.1%} right"},
