@@ -39,6 +39,17 @@ def gaps(frames: dict[Video, list[int]], trained: dict[Video, list[int]]) -> lis
     return [min(abs(f - t) for t in trained[video]) for video, fs in frames.items() if trained.get(video) for f in fs]
 
 
+def gap_of_each(paths: list[Path], targets: list[int], trained: dict[Video, list[int]]) -> list[int | None]:
+    """Each image's distance in frames to the nearest trained frame of its video; None for a file not named as a
+    frame or a video with no trained frame."""
+    out: list[int | None] = []
+    for path, target in zip(paths, targets, strict=True):
+        named = datasets.video_frame(path)
+        frames = trained.get((target, named[0])) if named else None
+        out.append(min(abs(named[1] - t) for t in frames) if frames else None)
+    return out
+
+
 def summary(values: list[int]) -> dict:
     cuts = statistics.quantiles(values, n=100)
     return {"images": len(values), "median": cuts[49], "p90": cuts[89], "p99": cuts[98],

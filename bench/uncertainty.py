@@ -31,6 +31,7 @@ from fruitserve.train.ood import CONDITIONS, composite, texture
 from fruitserve.train.uncertainty import augmented, held_out_distance, holdout_frames
 from PIL import Image
 
+from bench.frame_gaps import frames_by_video, gap_of_each
 from bench.report import DEFAULT_IMAGES, save_results
 
 VALIDATION_FLAG_RATES = (0.005, 0.01, 0.02)
@@ -175,6 +176,9 @@ def main() -> int:
             results["methods"][method][f"validation flagged {rate:.1%}"] = {
                 name: round(float((s[method] > threshold).double().mean()), 4) for name, s in scored.items()}
     results["shipped_rule_flagged"] = {name: round(float(s["shipped_rule"].mean()), 4) for name, s in scored.items()}
+    results["validation_flagged_by_distance_where"] = flagged_by_distance_where(
+        validation.paths, validation.targets,
+        scored["validation"]["nearest_neighbour"] > classifier.uncertainty.max_distance, train_files, classifier.labels)
     results["augmented_validation"] = augmented
     print("augmented validation:", augmented)
     for method, rows in results["methods"].items():
@@ -183,7 +187,7 @@ def main() -> int:
     print("shipped rule: " + ", ".join(f"{k} {v:.1%}" for k, v in results["shipped_rule_flagged"].items()))
     results["raw_top_probability_flagged"] = raw_top_probability(classifier, sets)
     if args.report_test:
-        results["test"] = report_test(classifier, args.test_images)
+        results["test"] = report_test(classifier, args.test_images, train_files)
         print("Test:", results["test"])
     save_results("uncertainty", results)
     return 0
@@ -219,8 +223,32 @@ def raw_top_probability(classifier: Classifier, sets: dict[str, torch.Tensor]) -
     return out
 
 
-def report_test(classifier: Classifier, folder: Path) -> dict:
-    """Fruits-360 Test, reported after the choice: answered share and accuracy among the answered."""
+GAP_BINS = ((0, 4), (5, 8), (9, 16), (17, 24), (25, 40), (41, None))  # frames to the nearest trained frame
+
+
+def flagged_by_distance_where(paths: list[Path], targets: torch.Tensor, far: torch.Tensor,
+                              train_files: list[tuple[Path, int]], labels: list[str]) -> dict:
+    """Where the distance flags a set: by frame gap to a trained frame of the same video, and by class (the ten
+    classes holding most of the flags). Read after the fit, to say what a threshold misses, never to set one."""
+    trained = frames_by_video([p for p, _ in train_files], [t for _, t in train_files])
+    gap = gap_of_each(paths, targets.tolist(), trained)
+    by_gap = {}
+    for lo, hi in GAP_BINS:
+        inside = torch.tensor([g is not None and lo <= g and (hi is None or g <= hi) for g in gap])
+        if inside.any():
+            by_gap[f"{lo}-{hi if hi is not None else ''}"] = {"images": int(inside.sum()),
+                                                             "flagged": round(float(far[inside].double().mean()), 4)}
+    per_class = torch.bincount(targets[far], minlength=len(labels))
+    sizes = torch.bincount(targets, minlength=len(labels))
+    top = torch.argsort(per_class, descending=True, stable=True)[:10].tolist()
+    return {"by_frame_gap": by_gap, "classes_with_flags": int((per_class > 0).sum()),
+            "top_10_classes_share_of_flags": round(float(per_class[top].sum() / max(1, int(far.sum()))), 4),
+            "top_10_classes": {labels[k]: f"{int(per_class[k])}/{int(sizes[k])}" for k in top if per_class[k] > 0}}
+
+
+def report_test(classifier: Classifier, folder: Path, train_files: list[tuple[Path, int]]) -> dict:
+    """Fruits-360 Test, reported after the choice: answered share and accuracy among the answered, and where the
+    distance flags it."""
     index = datasets.index_image_folder(folder, classifier.labels)
     test = datasets.decode_images(index.paths, index.targets, classifier.config, progress=False)
     prediction = classifier.predict(test.images)
@@ -237,6 +265,9 @@ def report_test(classifier: Classifier, folder: Path) -> dict:
             "shipped_rule": summary(~prediction.uncertain),
             "errors_flagged": round(float(prediction.uncertain[~correct].double().mean()), 4),
             "flagged_by_distance": round(float((prediction.distances > rule.max_distance).double().mean()), 5),
+            "flagged_by_distance_where": flagged_by_distance_where(test.paths, test.targets,
+                                                                   prediction.distances > rule.max_distance,
+                                                                   train_files, classifier.labels),
             "flagged_by_confidence": round(float((confidence < rule.min_confidence).double().mean()), 5),
             "plain_top_probability_0.5": summary(raw >= 0.5), "plain_top_probability_0.7": summary(raw >= 0.7)}
 

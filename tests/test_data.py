@@ -135,7 +135,7 @@ def test_synthetic_generator_is_deterministic(tmp_path):
 
 
 def test_frame_gaps_measure_distance_to_the_nearest_trained_frame_of_the_same_video() -> None:
-    from bench.frame_gaps import frames_by_video, gaps
+    from bench.frame_gaps import frames_by_video, gap_of_each, gaps
 
     names = ["0_100.jpg", "4_100.jpg", "r_10_100.jpg", "2_100.jpg", "r_30_100.jpg", "notes.txt"]
     videos = frames_by_video([Path(n) for n in names], [0, 0, 0, 1, 0, 0])
@@ -143,3 +143,5 @@ def test_frame_gaps_measure_distance_to_the_nearest_trained_frame_of_the_same_vi
     trained = {(0, ""): [0, 4], (0, "r"): [10]}
     held_out = {(0, ""): [1, 9], (0, "r"): [30], (1, ""): [2]}  # class 1 has no trained frame: skipped
     assert sorted(gaps(held_out, trained)) == [1, 5, 20]
+    queries = ["1_100.jpg", "9_100.jpg", "r_30_100.jpg", "2_100.jpg", "photo.jpg"]
+    assert gap_of_each([Path(n) for n in queries], [0, 0, 0, 1, 0], trained) == [1, 5, 20, None, None]
