@@ -182,11 +182,16 @@ def stretch_split(paths: list[Path], targets: list[int], val_fraction: float, se
     return [i for i in range(len(targets)) if i not in held_out], sorted(val_idx)
 
 
+def val_stretch_of(training: dict) -> int:
+    """The stretch a run's validation was held out in, from its options (``metadata["training"]`` or fruit-train's
+    own): 1 (random frames) for runs from before ``--val-stretch``, and for a ``--val-dir``, which is not split."""
+    return 1 if training.get("val_dir") else int(training.get("val_stretch") or 1)
+
+
 def split_of_args(paths: list[Path], targets: list[int], training: dict) -> tuple[list[int], list[int]]:
-    """The split a run's options (``metadata["training"]`` or fruit-train's own) name; runs from before
-    ``--val-stretch`` took random frames."""
+    """The split of Training a run's options name."""
     return stretch_split(paths, targets, float(training["val_fraction"]), int(training["seed"]),
-                         int(training.get("val_stretch") or 1))
+                         val_stretch_of(training))
 
 
 def splits_of_run(metadata: dict, classes: list[str]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:

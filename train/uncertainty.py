@@ -116,8 +116,7 @@ def holdout_frames(training: dict) -> int:
     trained with these options (``metadata["training"]``): ``HOLDOUT_FRAMES`` for random frames or a ``--val-dir``;
     none when ``--val-stretch`` held whole stretches out of training, since then the network never saw those
     neighbours, nor does the bank."""
-    stretches = int(training.get("val_stretch") or 1) > 1 and not training.get("val_dir")
-    return 0 if stretches else HOLDOUT_FRAMES
+    return 0 if datasets.val_stretch_of(training) > 1 else HOLDOUT_FRAMES
 
 
 def held_out_distance(features: torch.Tensor, classes: torch.Tensor, val: datasets.DecodedImages,
