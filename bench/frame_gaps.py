@@ -34,11 +34,6 @@ def frames_by_video(paths: list[Path], targets: list[int]) -> dict[Video, list[i
     return videos
 
 
-def gaps(frames: dict[Video, list[int]], trained: dict[Video, list[int]]) -> list[int]:
-    """For each frame, the distance in frames to the nearest trained frame of the same video (videos with none skipped)."""
-    return [min(abs(f - t) for t in trained[video]) for video, fs in frames.items() if trained.get(video) for f in fs]
-
-
 def gap_of_each(paths: list[Path], targets: list[int], trained: dict[Video, list[int]]) -> list[int | None]:
     """Each image's distance in frames to the nearest trained frame of its video; None for a file not named as a
     frame or a video with no trained frame."""
@@ -71,8 +66,8 @@ def main() -> None:
         pick = lambda idx: ([training.paths[i] for i in idx], [training.targets[i] for i in idx])  # noqa: E731
         trained = frames_by_video(*pick(train_idx))
         results["by_val_stretch"][str(stretch)] = {
-            "validation": summary(gaps(frames_by_video(*pick(val_idx)), trained)),
-            "test": summary(gaps(frames_by_video(test.paths, test.targets), trained))}
+            name: summary([g for g in gap_of_each(paths, targets, trained) if g is not None])
+            for name, (paths, targets) in (("validation", pick(val_idx)), ("test", (test.paths, test.targets)))}
     save_results("frame_gaps", results)
 
 

@@ -118,12 +118,11 @@ def scores_of(classifier: Classifier, images: torch.Tensor, mahalanobis: Mahalan
 
 
 def held_out_distances(classifier: Classifier, validation: datasets.DecodedImages,
-                       training: datasets.DecodedImages) -> torch.Tensor:
+                       training: datasets.DecodedImages, frames: int) -> torch.Tensor:
     """Validation's nearest-neighbour distances as the fit measures them: each frame without the training frames
-    of its own video nearby (``train/uncertainty.held_out_distance``)."""
+    of its own video within ``frames`` (``train/uncertainty.held_out_distance``)."""
     rule = classifier.uncertainty
     logits, features = classifier.logits_and_features(validation.images)
-    frames = holdout_frames(classifier.metadata["training"])
     return held_out_distance(features, logits.argmax(dim=1), validation, training, rule.bank, rule.offsets, frames)[0]
 
 
@@ -160,9 +159,11 @@ def main() -> int:
         sets["real non-fruit photos"] = to_batch(photos, size)
 
     scored = {name: scores_of(classifier, images, mahalanobis) for name, images in sets.items()}
-    if holdout_frames(classifier.metadata["training"]):  # a run split by --val-stretch: validation is already that
+    frames = holdout_frames(classifier.metadata["training"])
+    if frames:  # a run split by --val-stretch has none: its validation is that already
         scored = {"validation, neighbours held out": scores_of(classifier, validation.images, mahalanobis,
-                                                               held_out_distances(classifier, validation, training)),
+                                                               held_out_distances(classifier, validation, training,
+                                                                                  frames)),
                   **scored}
     augmented = augmented_validation(classifier, validation.images, validation.targets, args.seed)
     results: dict = {"run": str(args.run), "precision": classifier.precision,
