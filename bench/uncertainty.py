@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from fruitserve.handler.classifier import Classifier, load_classifier
 from fruitserve.handler.preprocessing import decode_image, resize_and_crop, to_uint8_tensor
+from fruitserve.handler.uncertainty import nearest_other_distance
 from fruitserve.train import data as datasets
 from fruitserve.train.ood import CONDITIONS, composite, texture
-from fruitserve.train.uncertainty import augmented, held_out_distance, holdout_frames
+from fruitserve.train.uncertainty import DISTANCE_FLAG_RATE, augmented, held_out_distance, holdout_frames
 from PIL import Image
 
 from bench.frame_gaps import frames_by_video, gap_of_each
@@ -114,7 +115,15 @@ def scores_of(classifier: Classifier, images: torch.Tensor, mahalanobis: Mahalan
             "energy": -rule.temperature * torch.logsumexp(logits / rule.temperature, dim=1),
             "mahalanobis": mahalanobis(features),
             "nearest_neighbour": distances,
+            "class_ratio": class_ratio(rule, features, predicted, distances),
             "shipped_rule": rule.uncertain(confidence, distances).float()}
+
+
+def class_ratio(rule, features: torch.Tensor, predicted: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """The trust score's inverse (Jiang et al., 2018): the distance to the nearest training image of the predicted
+    class over the distance to the nearest of any other class. Near 0: clearly of its class, however far; near or
+    above 1: as near another class, or nearer."""
+    return distances / nearest_other_distance(features, predicted, rule.bank, rule.offsets).clamp(min=1e-6)
 
 
 def held_out_distances(classifier: Classifier, validation: datasets.DecodedImages,
@@ -170,13 +179,22 @@ def main() -> int:
                      "rule": {k: v for k, v in classifier.metadata.get("uncertainty", {}).items()
                               if k in ("temperature", "min_confidence", "max_distance", "score")},
                      "sets": {name: len(s["shipped_rule"]) for name, s in scored.items()}, "methods": {}}
-    for method in ("top_probability", "energy", "mahalanobis", "nearest_neighbour"):
+    for method in ("top_probability", "energy", "mahalanobis", "nearest_neighbour", "class_ratio"):
         results["methods"][method] = {}
         for rate in VALIDATION_FLAG_RATES:
             threshold = float(torch.quantile(scored["validation"][method].double(), 1 - rate))
             results["methods"][method][f"validation flagged {rate:.1%}"] = {
                 name: round(float((s[method] > threshold).double().mean()), 4) for name, s in scored.items()}
     results["shipped_rule_flagged"] = {name: round(float(s["shipped_rule"].mean()), 4) for name, s in scored.items()}
+    # the candidate: the shipped rule with the class ratio in place of the distance, its threshold fitted as the
+    # distance's is (the validation the fit uses, DISTANCE_FLAG_RATE of it flagged)
+    fit_set = "validation, neighbours held out" if frames else "validation"
+    max_ratio = float(torch.quantile(scored[fit_set]["class_ratio"].double(), 1 - DISTANCE_FLAG_RATE))
+    min_confidence = classifier.uncertainty.min_confidence
+    results["ratio_rule"] = {"max_ratio": round(max_ratio, 5), "fitted_on": fit_set, "flagged": {
+        name: round(float(((-s["top_probability"] < min_confidence) | (s["class_ratio"] > max_ratio)).double().mean()),
+                    4) for name, s in scored.items()}}
+    print("ratio rule:", results["ratio_rule"])
     results["validation_flagged_by_distance_where"] = flagged_by_distance_where(
         validation.paths, validation.targets,
         scored["validation"]["nearest_neighbour"] > classifier.uncertainty.max_distance, train_files, classifier.labels)
@@ -188,7 +206,7 @@ def main() -> int:
     print("shipped rule: " + ", ".join(f"{k} {v:.1%}" for k, v in results["shipped_rule_flagged"].items()))
     results["raw_top_probability_flagged"] = raw_top_probability(classifier, sets)
     if args.report_test:
-        results["test"] = report_test(classifier, args.test_images, train_files)
+        results["test"] = report_test(classifier, args.test_images, train_files, max_ratio)
         print("Test:", results["test"])
     save_results("uncertainty", results)
     return 0
@@ -247,7 +265,7 @@ def flagged_by_distance_where(paths: list[Path], targets: torch.Tensor, far: tor
             "top_10_classes": {labels[k]: f"{int(per_class[k])}/{int(sizes[k])}" for k in top if per_class[k] > 0}}
 
 
-def report_test(classifier: Classifier, folder: Path, train_files: list[tuple[Path, int]]) -> dict:
+def report_test(classifier: Classifier, folder: Path, train_files: list[tuple[Path, int]], max_ratio: float) -> dict:
     """Fruits-360 Test, reported after the choice: answered share and accuracy among the answered, and where the
     distance flags it."""
     index = datasets.index_image_folder(folder, classifier.labels)
@@ -270,6 +288,9 @@ def report_test(classifier: Classifier, folder: Path, train_files: list[tuple[Pa
                                                                    prediction.distances > rule.max_distance,
                                                                    train_files, classifier.labels),
             "flagged_by_confidence": round(float((confidence < rule.min_confidence).double().mean()), 5),
+            "ratio_rule": summary((confidence >= rule.min_confidence)
+                                  & (class_ratio(rule, prediction.features, prediction.probabilities.argmax(dim=1),
+                                                 prediction.distances) <= max_ratio)),
             "plain_top_probability_0.5": summary(raw >= 0.5), "plain_top_probability_0.7": summary(raw >= 0.7)}
 
 

@@ -15,7 +15,7 @@ from fruitserve.batch.cli import main as batch_main
 from fruitserve.handler.classifier import load_classifier
 from fruitserve.handler.errors import ModelDirError
 from fruitserve.handler.preprocessing import load_uint8, resize_and_crop, to_uint8_tensor
-from fruitserve.handler.uncertainty import UncertaintyRule, nearest_distance
+from fruitserve.handler.uncertainty import UncertaintyRule, nearest_distance, nearest_other_distance
 from fruitserve.train.ood import out_of_distribution, texture
 from fruitserve.train.uncertainty import (
     DISTANCE_FLAG_RATE,
@@ -53,6 +53,22 @@ def test_nearest_distance_is_the_cosine_distance_to_the_nearest_image_of_the_cla
     excluded[0, :20] = True
     held = nearest_distance(queries, classes, bank["features"], bank["offsets"], excluded)
     assert float(held[0]) == 1.0 and torch.allclose(held[1:], got[1:])
+
+
+def test_nearest_other_distance_is_the_distance_to_the_nearest_image_of_any_other_class():
+    generator = torch.Generator().manual_seed(2)
+    features, targets = torch.rand(60, 8, generator=generator), torch.tensor([0] * 10 + [1] * 20 + [2] * 30)
+    bank = feature_bank(features, targets, 3)
+    queries, classes = torch.rand(7, 8, generator=generator), torch.tensor([0, 1, 2, 1, 0, 2, 2])
+    expected = torch.stack([
+        1 - torch.nn.functional.cosine_similarity(q[None], features[targets != c]).max()
+        for q, c in zip(queries, classes, strict=True)])
+    got = nearest_other_distance(queries, classes, bank["features"], bank["offsets"], chunk=3)  # chunks of 3 rows
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+    # a training image is ~0 from its own class, but not from the others
+    own = features[:1]
+    assert float(nearest_other_distance(own, torch.tensor([0]), bank["features"], bank["offsets"])) > 1e-3
+    assert float(nearest_other_distance(own, torch.tensor([1]), bank["features"], bank["offsets"])) < 1e-3
 
 
 def test_held_out_views_are_the_frames_of_the_same_video_nearby():
