@@ -14,27 +14,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections import defaultdict
 from pathlib import Path
 
 from fruitserve.train import data as datasets
 
 from bench.report import DEFAULT_IMAGES, save_results
 
-Video = tuple[int, str]  # (class id, prefix)
 STRETCHES = (1, 4, 6, 8, 10, 12)
 
 
-def frames_by_video(paths: list[Path], targets: list[int]) -> dict[Video, list[int]]:
-    videos: dict[Video, list[int]] = defaultdict(list)
-    for path, target in zip(paths, targets, strict=True):
-        named = datasets.video_frame(path)
-        if named:
-            videos[(target, named[0])].append(named[1])
-    return videos
+def trained_frames(paths: list[Path], targets: list[int]) -> dict[datasets.Video, list[int]]:
+    """The frame numbers of each video among the files the model trained on."""
+    return {video: [frame for frame, _ in frames]
+            for video, frames in datasets.frames_by_video(paths, targets).items()}
 
 
-def gap_of_each(paths: list[Path], targets: list[int], trained: dict[Video, list[int]]) -> list[int | None]:
+def gap_of_each(paths: list[Path], targets: list[int], trained: dict[datasets.Video, list[int]]) -> list[int | None]:
     """Each image's distance in frames to the nearest trained frame of its video; None for a file not named as a
     frame or a video with no trained frame."""
     out: list[int | None] = []
@@ -64,7 +59,7 @@ def main() -> None:
         train_idx, val_idx = datasets.stretch_split(training.paths, training.targets, args.val_fraction, args.seed,
                                                     stretch)
         pick = lambda idx: ([training.paths[i] for i in idx], [training.targets[i] for i in idx])  # noqa: E731
-        trained = frames_by_video(*pick(train_idx))
+        trained = trained_frames(*pick(train_idx))
         results["by_val_stretch"][str(stretch)] = {
             name: summary([g for g in gap_of_each(paths, targets, trained) if g is not None])
             for name, (paths, targets) in (("validation", pick(val_idx)), ("test", (test.paths, test.targets)))}

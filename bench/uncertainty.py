@@ -29,10 +29,16 @@ from fruitserve.handler.preprocessing import decode_image, resize_and_crop, to_u
 from fruitserve.handler.uncertainty import nearest_other_distance
 from fruitserve.train import data as datasets
 from fruitserve.train.ood import CONDITIONS, composite, texture
-from fruitserve.train.uncertainty import DISTANCE_FLAG_RATE, augmented, held_out_distance, holdout_frames
+from fruitserve.train.uncertainty import (
+    DISTANCE_FLAG_RATE,
+    answered_summary,
+    augmented,
+    held_out_distance,
+    holdout_frames,
+)
 from PIL import Image
 
-from bench.frame_gaps import frames_by_video, gap_of_each
+from bench.frame_gaps import gap_of_each, trained_frames
 from bench.report import DEFAULT_IMAGES, save_results
 
 VALIDATION_FLAG_RATES = (0.005, 0.01, 0.02)
@@ -220,15 +226,11 @@ def augmented_validation(classifier: Classifier, images: torch.Tensor, targets: 
     logits, features = classifier.logits_and_features(images)
     probabilities, _, uncertain = classifier.uncertainty.assess(logits, features)
     correct = probabilities.argmax(dim=1) == targets
-    answered = ~uncertain
     raw = torch.softmax(logits, dim=1).max(dim=1).values
-    same_share = raw >= torch.quantile(raw, 1 - float(answered.double().mean()))
+    same_share = raw >= torch.quantile(raw, 1 - float((~uncertain).double().mean()))
     return {"images": len(targets), "accuracy": round(float(correct.double().mean()), 5),
-            "shipped_rule": {"answered": round(float(answered.double().mean()), 4),
-                             "accuracy_answered": round(float(correct[answered].double().mean()), 5),
-                             "errors_flagged": f"{int(uncertain[~correct].sum())}/{int((~correct).sum())}"},
-            "plain_top_probability_same_share": {"answered": round(float(same_share.double().mean()), 4),
-                                                 "accuracy_answered": round(float(correct[same_share].double().mean()), 5)}}
+            "shipped_rule": answered_summary(correct, uncertain),
+            "plain_top_probability_same_share": answered_summary(correct, ~same_share)}
 
 
 def raw_top_probability(classifier: Classifier, sets: dict[str, torch.Tensor]) -> dict:
@@ -249,7 +251,7 @@ def flagged_by_distance_where(paths: list[Path], targets: torch.Tensor, far: tor
                               train_files: list[tuple[Path, int]], labels: list[str]) -> dict:
     """Where the distance flags a set: by frame gap to a trained frame of the same video, and by class (the ten
     classes holding most of the flags). Read after the fit, to say what a threshold misses, never to set one."""
-    trained = frames_by_video([p for p, _ in train_files], [t for _, t in train_files])
+    trained = trained_frames([p for p, _ in train_files], [t for _, t in train_files])
     gap = gap_of_each(paths, targets.tolist(), trained)
     by_gap = {}
     for lo, hi in GAP_BINS:
@@ -275,14 +277,12 @@ def report_test(classifier: Classifier, folder: Path, train_files: list[tuple[Pa
     raw = torch.softmax(classifier.logits(test.images), dim=1).max(dim=1).values
 
     def summary(answered: torch.Tensor) -> dict:
-        return {"answered": round(float(answered.double().mean()), 5),
-                "accuracy_answered": round(float(correct[answered].double().mean()), 5)}
+        return answered_summary(correct, ~answered)
 
     rule = classifier.uncertainty
     confidence = prediction.probabilities.max(dim=1).values
     return {"images": len(test.targets), "top1": round(float(correct.double().mean()), 5),
             "shipped_rule": summary(~prediction.uncertain),
-            "errors_flagged": round(float(prediction.uncertain[~correct].double().mean()), 4),
             "flagged_by_distance": round(float((prediction.distances > rule.max_distance).double().mean()), 5),
             "flagged_by_distance_where": flagged_by_distance_where(test.paths, test.targets,
                                                                    prediction.distances > rule.max_distance,

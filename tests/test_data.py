@@ -135,11 +135,16 @@ def test_synthetic_generator_is_deterministic(tmp_path):
 
 
 def test_frame_gaps_measure_distance_to_the_nearest_trained_frame_of_the_same_video() -> None:
-    from bench.frame_gaps import frames_by_video, gap_of_each
+    from fruitserve.train.data import frames_by_video
+
+    from bench.frame_gaps import gap_of_each, trained_frames
 
     names = ["0_100.jpg", "4_100.jpg", "r_10_100.jpg", "2_100.jpg", "r_30_100.jpg", "notes.txt"]
     videos = frames_by_video([Path(n) for n in names], [0, 0, 0, 1, 0, 0])
-    assert videos == {(0, ""): [0, 4], (0, "r"): [10, 30], (1, ""): [2]}  # class and prefix make a video
+    # class and prefix make a video; each frame keeps its index in the list
+    assert videos == {(0, ""): [(0, 0), (4, 1)], (0, "r"): [(10, 2), (30, 4)], (1, ""): [(2, 3)]}
+    assert trained_frames([Path(n) for n in names], [0, 0, 0, 1, 0, 0]) == {
+        (0, ""): [0, 4], (0, "r"): [10, 30], (1, ""): [2]}
     trained = {(0, ""): [0, 4], (0, "r"): [10]}
     # class 1 has no trained frame, photo.jpg is not named as a frame: no gap for either
     queries = ["1_100.jpg", "9_100.jpg", "r_30_100.jpg", "2_100.jpg", "photo.jpg"]

@@ -134,18 +134,28 @@ def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tupl
     return sorted(train_idx), sorted(val_idx)
 
 
+Video = tuple[int, str]  # (class id, file-name prefix): one rotation video of Fruits-360
+
+
+def frames_by_video(paths: list[Path], targets: list[int]) -> dict[Video, list[tuple[int, int]]]:
+    """The files named as video frames, by video: (frame number, index in ``paths``) each, in file order. The one
+    grouping the split, the fit's hold-out and ``bench/frame_gaps.py`` share."""
+    videos: dict[Video, list[tuple[int, int]]] = {}
+    for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
+        named = video_frame(path)
+        if named is not None:
+            videos.setdefault((target, named[0]), []).append((named[1], i))
+    return videos
+
+
 def frame_stretches(paths: list[Path], targets: list[int], stretch: int) -> dict[int, list[list[int]]]:
     """Per class, indices grouped into runs of ``stretch`` consecutive frames of one video; a file not named as a
     video frame is a group of its own."""
-    videos: dict[tuple[int, str], list[tuple[int, int]]] = {}
     groups: dict[int, list[list[int]]] = {}
     for i, (path, target) in enumerate(zip(paths, targets, strict=True)):
-        frame = video_frame(path)
-        if frame is None:
+        if video_frame(path) is None:
             groups.setdefault(target, []).append([i])
-        else:
-            videos.setdefault((target, frame[0]), []).append((frame[1], i))
-    for (target, _), frames in sorted(videos.items()):
+    for (target, _), frames in sorted(frames_by_video(paths, targets).items()):
         order = [i for _, i in sorted(frames)]
         groups.setdefault(target, []).extend(order[k:k + stretch] for k in range(0, len(order), stretch))
     return groups

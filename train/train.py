@@ -52,7 +52,7 @@ from .reports import (
 )
 from .synthetic import make_demo_data
 from .tracking import CANDIDATE, NoTracker, Tracker, TrackingError, resolve_tracking_uri, start_tracking
-from .uncertainty import ANSWERED_ACCURACY, fit_rule, holdout_frames
+from .uncertainty import ANSWERED_ACCURACY, answered_summary, fit_rule, holdout_frames
 from .utils import (
     autocast_dtype,
     git_commit,
@@ -287,11 +287,7 @@ def answered_metrics(classifier: Classifier, logits: torch.Tensor, features: tor
                      targets: torch.Tensor) -> dict:
     """What the uncertainty rule does to a labelled set: how much is answered, and how accurate that is."""
     probabilities, _, uncertain = classifier.uncertainty.assess(logits, features)
-    answered = ~uncertain
-    correct = probabilities.argmax(dim=1) == targets
-    return {"answered": float(answered.double().mean()),
-            "accuracy_answered": float(correct[answered].double().mean()) if answered.any() else float("nan"),
-            "errors_flagged": float(uncertain[~correct].double().mean()) if (~correct).any() else float("nan")}
+    return answered_summary(probabilities.argmax(dim=1) == targets, uncertain)
 
 
 def write_reports(out_dir: Path, name: str, metrics: dict, logits: torch.Tensor, decoded: datasets.DecodedImages,

@@ -94,17 +94,13 @@ def held_out_views(query_paths: list[Path], query_targets: torch.Tensor, bank_pa
                    bank_targets: torch.Tensor, frames: int = HOLDOUT_FRAMES) -> torch.Tensor:
     """N x M: bank image j is a frame of query image i's own video within ``frames`` frames (so it is left out of
     i's distance). Files not named as frames hold out nothing."""
-    def ids(paths: list[Path], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        videos: dict[tuple[int, str], int] = {}
-        video, frame = [], []
-        for path, target in zip(paths, targets.tolist(), strict=True):
-            named = datasets.video_frame(path)
-            video.append(videos.setdefault((target, named[0]), len(videos)) if named else -1)
-            frame.append(named[1] if named else 0)
-        return torch.tensor(video, dtype=torch.int32), torch.tensor(frame, dtype=torch.int32)
-
-    # one numbering of videos for both sides, so that equal ids mean the same video
-    all_ids, all_frames = ids([*query_paths, *bank_paths], torch.cat([query_targets, bank_targets]))
+    # one numbering of videos for both sides, so that equal ids mean the same video; -1: not a frame
+    paths, targets = [*query_paths, *bank_paths], torch.cat([query_targets, bank_targets]).tolist()
+    all_ids = torch.full((len(paths),), -1, dtype=torch.int32)
+    all_frames = torch.zeros(len(paths), dtype=torch.int32)
+    for video_id, video in enumerate(datasets.frames_by_video(paths, targets).values()):
+        for frame, i in video:
+            all_ids[i], all_frames[i] = video_id, frame
     q_video, b_video = all_ids[:len(query_paths)], all_ids[len(query_paths):]
     q_frame, b_frame = all_frames[:len(query_paths)], all_frames[len(query_paths):]
     same_video = (q_video[:, None] == b_video[None, :]) & (q_video[:, None] >= 0)
@@ -124,7 +120,10 @@ def held_out_distance(features: torch.Tensor, classes: torch.Tensor, val: datase
                       frames: int) -> tuple[torch.Tensor, int]:
     """Validation's distances as ``max_distance`` is fitted on them: each image of ``val`` (its ``features``, the
     ``classes`` it is called) without the frames of its own video within ``frames`` in ``bank``, the bank of
-    ``train``; and how many of them had frames held out."""
+    ``train``; and how many of them had frames held out. 0 frames holds nothing out (validation is not in the
+    bank), so the N x M mask is not built then."""
+    if frames == 0:
+        return nearest_distance(features, classes, bank, offsets), 0
     order = bank_order(train.targets)
     excluded = held_out_views(val.paths, val.targets, [train.paths[i] for i in order], train.targets[order], frames)
     return nearest_distance(features, classes, bank, offsets, excluded), int(excluded.any(dim=1).sum())
@@ -163,11 +162,8 @@ def fit_min_confidence(probabilities: torch.Tensor, distances: torch.Tensor, tar
     ``ANSWERED_ACCURACY`` right (the grid's highest if none is), and what each threshold answers, how accurately."""
     confidence, predicted = probabilities.max(dim=1)
     correct = predicted == targets
-    table = {}
-    for threshold in MIN_CONFIDENCE_GRID:
-        answered = (confidence >= threshold) & (distances <= max_distance)
-        table[str(threshold)] = {"answered": share(answered),
-                                 "accuracy_answered": share(correct[answered]) if answered.any() else math.nan}
+    table = {str(threshold): answered_summary(correct, (confidence < threshold) | (distances > max_distance))
+             for threshold in MIN_CONFIDENCE_GRID}
     chosen = next((t for t in MIN_CONFIDENCE_GRID if table[str(t)]["accuracy_answered"] >= ANSWERED_ACCURACY),
                   MIN_CONFIDENCE_GRID[-1])
     return chosen, table
@@ -175,6 +171,14 @@ def fit_min_confidence(probabilities: torch.Tensor, distances: torch.Tensor, tar
 
 def share(mask: torch.Tensor) -> float:
     return round(float(mask.double().mean()), 5) if len(mask) else math.nan
+
+
+def answered_summary(correct: torch.Tensor, uncertain: torch.Tensor) -> dict:
+    """What a rule does to a labelled set (``correct``, ``uncertain``: N bools): the share it answers, how much of
+    that is right, and the share of the errors it flags (NaN where there is nothing to count)."""
+    answered = ~uncertain
+    return {"answered": share(answered), "accuracy_answered": share(correct[answered]),
+            "errors_flagged": share(uncertain[~correct])}
 
 
 def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: datasets.DecodedImages, run_dir: Path,
@@ -202,10 +206,9 @@ def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: dataset
     rule = UncertaintyRule(temperature, min_confidence, max_distance, bank["features"], bank["offsets"])
 
     def answered_on(probabilities: torch.Tensor, distances: torch.Tensor, targets: torch.Tensor) -> dict:
-        answered = ~rule.uncertain(probabilities.max(dim=1).values, distances)
         correct = probabilities.argmax(dim=1) == targets
-        return {"images": len(targets), "accuracy": share(correct), "answered": share(answered),
-                "accuracy_answered": share(correct[answered]) if answered.any() else math.nan}
+        return {"images": len(targets), "accuracy": share(correct)} | answered_summary(
+            correct, rule.uncertain(probabilities.max(dim=1).values, distances))
 
     val_probabilities = rule.calibrated(val_logits)
     val_distances = measure.distance(val_features, predicted)
