@@ -9,10 +9,12 @@ shift of ``train/ood.py`` applied to validation images (background, small and of
 all together); composites of several fruits; textures with no fruit; and real photos that are not fruit, from the
 sample images scikit-image and matplotlib ship (crops at several scales). Scores compared: the calibrated top
 probability, the energy score, the Mahalanobis distance to the nearest class mean (class means and a shared
-covariance of the training features, fitted here) and the shipped nearest-neighbour distance, each at thresholds
-that leave 0.5 %, 1 % and 2 % of validation flagged; then the shipped rule (confidence or distance, thresholds
-from the run's metadata). ``--report-test`` adds Fruits-360 Test, once the choice is made: answered share and
-accuracy among the answered, for the shipped rule and for plain top probability.
+covariance of the training features, fitted here), the shipped nearest-neighbour distance and the class ratio
+(trust score), each at thresholds that leave 0.5 %, 1 % and 2 % of validation flagged; then the shipped rule
+(confidence or distance, thresholds from the run's metadata) and the candidate with the ratio in its place
+(``ratio_rule``: not shipped, docs/benchmark-log.md, 2026-12-07 evening). ``--report-test`` adds Fruits-360
+Test, once the choice is made: answered share and accuracy among the answered, for both rules and for plain top
+probability.
 Writes ``bench/results/uncertainty.json``.
 """
 
