@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import io
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from fruitserve.handler.classifier import Classifier, load_classifier
 from fruitserve.handler.preprocessing import decode_image, resize_and_crop, to_uint8_tensor
-from fruitserve.handler.uncertainty import nearest_other_distance
+from fruitserve.handler.uncertainty import UncertaintyRule, normalized
 from fruitserve.train import data as datasets
 from fruitserve.train.ood import CONDITIONS, composite, texture
 from fruitserve.train.uncertainty import (
@@ -127,7 +128,24 @@ def scores_of(classifier: Classifier, images: torch.Tensor, mahalanobis: Mahalan
             "shipped_rule": rule.uncertain(confidence, distances).float()}
 
 
-def class_ratio(rule, features: torch.Tensor, predicted: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+def nearest_other_distance(features: torch.Tensor, classes: torch.Tensor, bank: torch.Tensor,
+                           offsets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """1 - the largest cosine similarity of each row of ``features`` with the bank rows of every class *but* its
+    own in ``classes``: the other half of the trust score (Jiang et al., "To trust or not to trust a classifier",
+    NeurIPS 2018), whose ratio to ``nearest_distance`` says whether an image is nearer its own class than any
+    other, however far both are."""
+    queries = normalized(features)
+    column_class = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+    distances = torch.ones(len(queries))
+    for start in range(0, len(queries), chunk):
+        rows = slice(start, start + chunk)
+        similarity = (queries[rows] @ bank.T).masked_fill(column_class[None, :] == classes[rows, None], -1.0)
+        distances[rows] = (1 - similarity.max(dim=1).values).clamp(0, 1)
+    return distances
+
+
+def class_ratio(rule: UncertaintyRule, features: torch.Tensor, predicted: torch.Tensor,
+                distances: torch.Tensor) -> torch.Tensor:
     """The trust score's inverse (Jiang et al., 2018): the distance to the nearest training image of the predicted
     class over the distance to the nearest of any other class. Near 0: clearly of its class, however far; near or
     above 1: as near another class, or nearer."""
@@ -198,10 +216,11 @@ def main() -> int:
     # distance's is (the validation the fit uses, DISTANCE_FLAG_RATE of it flagged)
     fit_set = "validation, neighbours held out" if frames else "validation"
     max_ratio = float(torch.quantile(scored[fit_set]["class_ratio"].double(), 1 - DISTANCE_FLAG_RATE))
-    min_confidence = classifier.uncertainty.min_confidence
+    # the shipped rule's own test (confidence below, or score above its threshold), with the ratio as the score
+    ratio_rule = replace(classifier.uncertainty, max_distance=max_ratio)
     results["ratio_rule"] = {"max_ratio": round(max_ratio, 5), "fitted_on": fit_set, "flagged": {
-        name: round(float(((-s["top_probability"] < min_confidence) | (s["class_ratio"] > max_ratio)).double().mean()),
-                    4) for name, s in scored.items()}}
+        name: round(float(ratio_rule.uncertain(-s["top_probability"], s["class_ratio"]).double().mean()), 4)
+        for name, s in scored.items()}}
     print("ratio rule:", results["ratio_rule"])
     results["validation_flagged_by_distance_where"] = flagged_by_distance_where(
         validation.paths, validation.targets,
@@ -214,7 +233,7 @@ def main() -> int:
     print("shipped rule: " + ", ".join(f"{k} {v:.1%}" for k, v in results["shipped_rule_flagged"].items()))
     results["raw_top_probability_flagged"] = raw_top_probability(classifier, sets)
     if args.report_test:
-        results["test"] = report_test(classifier, args.test_images, train_files, max_ratio)
+        results["test"] = report_test(classifier, args.test_images, train_files, ratio_rule)
         print("Test:", results["test"])
     save_results("uncertainty", results)
     return 0
@@ -269,7 +288,8 @@ def flagged_by_distance_where(paths: list[Path], targets: torch.Tensor, far: tor
             "top_10_classes": {labels[k]: f"{int(per_class[k])}/{int(sizes[k])}" for k in top if per_class[k] > 0}}
 
 
-def report_test(classifier: Classifier, folder: Path, train_files: list[tuple[Path, int]], max_ratio: float) -> dict:
+def report_test(classifier: Classifier, folder: Path, train_files: list[tuple[Path, int]],
+                ratio_rule: UncertaintyRule) -> dict:
     """Fruits-360 Test, reported after the choice: answered share and accuracy among the answered, and where the
     distance flags it."""
     index = datasets.index_image_folder(folder, classifier.labels)
@@ -290,9 +310,9 @@ def report_test(classifier: Classifier, folder: Path, train_files: list[tuple[Pa
                                                                    prediction.distances > rule.max_distance,
                                                                    train_files, classifier.labels),
             "flagged_by_confidence": round(float((confidence < rule.min_confidence).double().mean()), 5),
-            "ratio_rule": summary((confidence >= rule.min_confidence)
-                                  & (class_ratio(rule, prediction.features, prediction.probabilities.argmax(dim=1),
-                                                 prediction.distances) <= max_ratio)),
+            "ratio_rule": answered_summary(correct, ratio_rule.uncertain(
+                confidence, class_ratio(rule, prediction.features, prediction.probabilities.argmax(dim=1),
+                                        prediction.distances))),
             "plain_top_probability_0.5": summary(raw >= 0.5), "plain_top_probability_0.7": summary(raw >= 0.7)}
 
 

@@ -118,19 +118,3 @@ def nearest_distance(features: torch.Tensor, classes: torch.Tensor, bank: torch.
         if end > start:
             distances[rows] = (1 - similarity.max(dim=1).values).clamp(0, 1)
     return distances
-
-
-def nearest_other_distance(features: torch.Tensor, classes: torch.Tensor, bank: torch.Tensor,
-                           offsets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """1 - the largest cosine similarity of each row of ``features`` with the bank rows of every class *but* its
-    own in ``classes``: the other half of the trust score (Jiang et al., "To trust or not to trust a classifier",
-    NeurIPS 2018), whose ratio to ``nearest_distance`` says whether an image is nearer its own class than any
-    other, however far both are."""
-    queries = normalized(features)
-    column_class = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
-    distances = torch.ones(len(queries))
-    for start in range(0, len(queries), chunk):
-        rows = slice(start, start + chunk)
-        similarity = (queries[rows] @ bank.T).masked_fill(column_class[None, :] == classes[rows, None], -1.0)
-        distances[rows] = (1 - similarity.max(dim=1).values).clamp(0, 1)
-    return distances

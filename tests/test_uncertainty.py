@@ -15,7 +15,7 @@ from fruitserve.batch.cli import main as batch_main
 from fruitserve.handler.classifier import load_classifier
 from fruitserve.handler.errors import ModelDirError
 from fruitserve.handler.preprocessing import load_uint8, resize_and_crop, to_uint8_tensor
-from fruitserve.handler.uncertainty import UncertaintyRule, nearest_distance, nearest_other_distance
+from fruitserve.handler.uncertainty import UncertaintyRule, nearest_distance
 from fruitserve.train.ood import out_of_distribution, texture
 from fruitserve.train.uncertainty import (
     DISTANCE_FLAG_RATE,
@@ -56,6 +56,8 @@ def test_nearest_distance_is_the_cosine_distance_to_the_nearest_image_of_the_cla
 
 
 def test_nearest_other_distance_is_the_distance_to_the_nearest_image_of_any_other_class():
+    from bench.uncertainty import nearest_other_distance
+
     generator = torch.Generator().manual_seed(2)
     features, targets = torch.rand(60, 8, generator=generator), torch.tensor([0] * 10 + [1] * 20 + [2] * 30)
     bank = feature_bank(features, targets, 3)
