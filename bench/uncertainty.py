@@ -4,7 +4,8 @@
 
 Sets (never Fruits-360 Test for choosing): the run's validation split (in distribution: must stay answered), as it
 is and, for a run of random frames, with each frame's neighbours held out of the feature bank as the fit does
-(``train/uncertainty.holdout_frames``; a run split by ``--val-stretch`` has them out of training already); each
+(``train/uncertainty.holdout_frames``; a run split by ``--val-stretch`` has them out of training already), and
+with every training frame of its own video held out (views no trained frame is near, as Test has some); each
 shift of ``train/ood.py`` applied to validation images (background, small and off-centre, light, blur and JPEG,
 all together); composites of several fruits; textures with no fruit; and real photos that are not fruit, from the
 sample images scikit-image and matplotlib ship (crops at several scales). Scores compared: the calibrated top
@@ -14,8 +15,8 @@ covariance of the training features, fitted here), the shipped nearest-neighbour
 (confidence or distance, thresholds from the run's metadata) and the candidate with the ratio in its place
 (``ratio_rule``: not shipped, docs/benchmark-log.md, 2026-12-07 evening). ``--report-test`` adds Fruits-360
 Test, once the choice is made: answered share and accuracy among the answered, for both rules and for plain top
-probability.
-Writes ``bench/results/uncertainty.json``.
+probability. Also timed: the distance beside the forward pass of a batch of 32.
+Writes ``bench/results/uncertainty.json`` (``--name``: another name, to keep a second run's figures beside it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import io
 import random
+import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -174,6 +177,7 @@ def main() -> int:
     parser.add_argument("--report-test", action="store_true", help="also report on Fruits-360 Test")
     parser.add_argument("--test-images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="uncertainty", help="bench/results/NAME.json")
     args = parser.parse_args()
 
     classifier = load_classifier(args.run, device="cpu", precision=args.precision)
@@ -243,11 +247,34 @@ def main() -> int:
             print(f"{method:16s} {rate}: " + ", ".join(f"{k} {v:.1%}" for k, v in row.items()), flush=True)
     print("shipped rule: " + ", ".join(f"{k} {v:.1%}" for k, v in results["shipped_rule_flagged"].items()))
     results["raw_top_probability_flagged"] = raw_top_probability(classifier, sets)
+    results["distance_cost"] = distance_cost(classifier, validation.images)
+    print("distance cost:", results["distance_cost"])
     if args.report_test:
         results["test"] = report_test(classifier, args.test_images, train_files, ratio_rule)
         print("Test:", results["test"])
-    save_results("uncertainty", results)
+    save_results(args.name, results)
     return 0
+
+
+def distance_cost(classifier: Classifier, images: torch.Tensor, repeats: int = 21) -> dict:
+    """What the distance adds to a batch of 32 as served: the median time of the forward pass (logits and
+    features) and of the nearest-neighbour distance on its features, measured side by side, and the bank's size."""
+    batch = images[:32]
+    rule = classifier.uncertainty
+
+    def median_ms(step) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1000)
+        return round(statistics.median(times), 3)
+
+    logits, features = classifier.logits_and_features(batch)
+    predicted = logits.argmax(dim=1)
+    return {"batch": len(batch), "bank_rows": len(rule.bank), "bank_mb_float16": round(rule.bank.numel() * 2 / 1e6, 1),
+            "forward_ms": median_ms(lambda: classifier.logits_and_features(batch)),
+            "distance_ms": median_ms(lambda: rule.distance(features, predicted))}
 
 
 def augmented_validation(classifier: Classifier, images: torch.Tensor, targets: torch.Tensor, seed: int) -> dict:
