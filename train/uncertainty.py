@@ -175,7 +175,9 @@ def bank_views(train: datasets.DecodedImages, classifier: Classifier, seed: int,
     its views too (``held_out_views``)."""
     if passes == 0:
         return train
-    views, _ = augmented(train.images, train.targets, classifier, seed, passes, GEOMETRY_ONLY)
+    # seed + 1: a stream of its own, so that no training view shares its draws with validation's augmented image
+    # of the same index (augmented() of the fit, seeded with seed)
+    views, _ = augmented(train.images, train.targets, classifier, seed + 1, passes, GEOMETRY_ONLY)
     paths, targets = bank_sources(train.paths, train.targets, passes)
     return datasets.DecodedImages(torch.cat([train.images, views]), targets, paths, train.skipped)
 
