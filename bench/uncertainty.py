@@ -4,8 +4,7 @@
 
 Sets (never Fruits-360 Test for choosing): the run's validation split (in distribution: must stay answered), as it
 is and, for a run of random frames, with each frame's neighbours held out of the feature bank as the fit does
-(``train/uncertainty.holdout_frames``; a run split by ``--val-stretch`` has them out of training already), and
-with every training frame of its own video held out (views no trained frame is near, as Test has some); each
+(``train/uncertainty.holdout_frames``; a run split by ``--val-stretch`` has them out of training already); each
 shift of ``train/ood.py`` applied to validation images (background, small and off-centre, light, blur and JPEG,
 all together); composites of several fruits; textures with no fruit; and real photos that are not fruit, from the
 sample images scikit-image and matplotlib ship (crops at several scales). Scores compared: the calibrated top
@@ -39,7 +38,6 @@ from fruitserve.train.uncertainty import (
     DISTANCE_FLAG_RATE,
     answered_summary,
     augmented,
-    bank_sources,
     held_out_distance,
     holdout_frames,
 )
@@ -49,7 +47,6 @@ from bench.frame_gaps import gap_of_each, trained_frames
 from bench.report import DEFAULT_IMAGES, save_results
 
 VALIDATION_FLAG_RATES = (0.005, 0.01, 0.02)
-OWN_VIDEO = 10**6  # frames: every training frame of a validation frame's own video held out
 
 
 def sample_photos(count: int, seed: int) -> list[Image.Image]:
@@ -160,13 +157,10 @@ def class_ratio(rule: UncertaintyRule, features: torch.Tensor, predicted: torch.
 def held_out_distances(classifier: Classifier, validation: datasets.DecodedImages,
                        training: datasets.DecodedImages, frames: int) -> torch.Tensor:
     """Validation's nearest-neighbour distances as the fit measures them: each frame without the training frames
-    of its own video within ``frames`` (``train/uncertainty.held_out_distance``), and their views in the bank."""
+    of its own video within ``frames`` (``train/uncertainty.held_out_distance``)."""
     rule = classifier.uncertainty
-    passes = int(classifier.metadata["uncertainty"].get("bank_geometry_passes", 0))
     logits, features = classifier.logits_and_features(validation.images)
-    return held_out_distance(features, logits.argmax(dim=1), validation,
-                             bank_sources(training.paths, training.targets, passes), rule.bank, rule.offsets,
-                             frames)[0]
+    return held_out_distance(features, logits.argmax(dim=1), validation, training, rule.bank, rule.offsets, frames)[0]
 
 
 def main() -> int:
@@ -209,12 +203,6 @@ def main() -> int:
                                                                held_out_distances(classifier, validation, training,
                                                                                   frames)),
                   **scored}
-    # a stand-in for views no trained frame is near, made from Training alone: every frame of the own video out
-    # (a class with that one video has no bank left: distance 1, flagged)
-    scored = {"validation, own video held out": scores_of(classifier, validation.images, mahalanobis,
-                                                          held_out_distances(classifier, validation, training,
-                                                                             OWN_VIDEO)),
-              **scored}
     augmented = augmented_validation(classifier, validation.images, validation.targets, args.seed)
     results: dict = {"run": str(args.run), "precision": classifier.precision,
                      "rule": {k: v for k, v in classifier.metadata.get("uncertainty", {}).items()

@@ -12,10 +12,8 @@ those inputs apart, and the rule flags an answer ``uncertain`` when either says 
 
 The fit (``fruitserve.train.uncertainty``) stores the temperature and both thresholds in ``metadata.json``
 (``uncertainty``) and the training images' normalised features, grouped by class, in ``feature_stats.npz``.
-The bank also holds views of each training image through the training geometry (rotated, zoomed, shifted,
-flipped: ``train/uncertainty.BANK_GEOMETRY_PASSES``). Looking only at the predicted class keeps the cost at one
-small product per class in the batch (a few hundred rows each on Fruits-360) rather than a product with the whole
-bank. BENCHMARKS.md, Uncertainty, has the
+Looking only at the predicted class keeps the cost at one small product per class in the batch (about a hundred
+training images each) rather than a product with the whole training set. BENCHMARKS.md, Uncertainty, has the
 measurements that chose this score over plain top probability, the energy score and the Mahalanobis distance.
 """
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import TINY_TRAIN_ARGS
@@ -21,7 +20,6 @@ from fruitserve.train import train as train_module
 from fruitserve.train.model import build_model, export_torchscript
 from fruitserve.train.synthetic import CLASSES
 from fruitserve.train.train import main as train_main
-from fruitserve.train.uncertainty import BANK_GEOMETRY_PASSES
 from fruitserve.train.utils import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,11 +241,3 @@ def test_calibrate_refits_an_existing_run_to_the_same_rule(trained_run: Path, tm
     for key in ("temperature", "max_distance", "min_confidence"):
         assert refitted[key] == pytest.approx(original[key], rel=1e-6), key
     assert refitted["out_of_distribution"] == original["out_of_distribution"]
-    # the bank of the images alone (as fitted until 2026-12-08): the views only add neighbours to the images' own
-    # rows, so no validation distance, and no threshold fitted on them, can be larger with them
-    assert train_main(["calibrate", str(run), "--no-progress", "--bank-passes", "0"]) == 0
-    plain = json.loads((run / "metadata.json").read_text())["uncertainty"]
-    assert plain["bank_geometry_passes"] == 0 and refitted["bank_geometry_passes"] == BANK_GEOMETRY_PASSES > 0
-    assert plain["max_distance"] >= refitted["max_distance"]
-    with np.load(run / "feature_stats.npz") as stats:
-        assert len(stats["features"]) == meta["dataset"]["train_images"]

@@ -16,16 +16,12 @@ from fruitserve.handler.classifier import load_classifier
 from fruitserve.handler.errors import ModelDirError
 from fruitserve.handler.preprocessing import load_uint8, resize_and_crop, to_uint8_tensor
 from fruitserve.handler.uncertainty import UncertaintyRule, nearest_distance
-from fruitserve.train import data as datasets
 from fruitserve.train.ood import out_of_distribution, texture
 from fruitserve.train.uncertainty import (
     DISTANCE_FLAG_RATE,
-    bank_sources,
-    bank_views,
     feature_bank,
     fit_min_confidence,
     fit_temperature,
-    held_out_distance,
     held_out_views,
 )
 
@@ -90,42 +86,6 @@ def test_held_out_views_are_the_frames_of_the_same_video_nearby():
     ]
 
 
-def test_holding_a_frame_out_holds_out_its_views_in_the_bank():
-    # the bank: frames 100 and 150 of one video, then one view of each (the views: copies here)
-    bank_paths, bank_targets = bank_sources([Path("100_100.jpg"), Path("150_100.jpg")], torch.tensor([0, 0]), 1)
-    assert [p.name for p in bank_paths] == ["100_100.jpg", "150_100.jpg"] * 2 and bank_targets.tolist() == [0] * 4
-    near, far = torch.tensor([1.0, 0.0]), torch.tensor([0.6, 0.8])
-    bank = feature_bank(torch.stack([near, far, near, far]), bank_targets, 1)
-    query = datasets.DecodedImages(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([0]),
-                                   [Path("102_100.jpg")], [])
-    distance, held = held_out_distance(near[None], torch.tensor([0]), query, (bank_paths, bank_targets),
-                                       bank["features"], bank["offsets"], frames=5)
-    # frame 100 and its view are both out: the nearest left is frame 150, at cosine distance 1 - 0.6
-    assert held == 1 and float(distance) == pytest.approx(0.4, abs=1e-3)
-
-
-def test_bank_views_are_the_images_then_their_geometry_only_views(trained_run: Path):
-    classifier = load_classifier(trained_run, device="cpu", precision="fp32")
-    size = classifier.config.input_size
-    # one flat colour filling the frame: geometry brings in white at the edges, nothing else changes a colour
-    colour = torch.tensor([200, 40, 90], dtype=torch.uint8)
-    images = colour.view(1, 3, 1, 1).expand(6, 3, size, size).clone()
-    train = datasets.DecodedImages(images, torch.arange(6) % 2, [Path(f"{i}_100.jpg") for i in range(6)], [])
-    views = bank_views(train, classifier, seed=0, passes=2)
-    assert len(views.images) == 18 and torch.equal(views.images[:6], images)
-    assert views.targets.tolist() == train.targets.tolist() * 3 and views.paths == train.paths * 3
-    moved = views.images[6:].float()
-    assert not torch.equal(views.images[6:12], images)  # rotated, zoomed or shifted, white let in
-    # every pixel lies between the colour and white: t * colour + (1 - t) * 255 for one t per pixel
-    t = (255 - moved[:, 0]) / (255 - 200)
-    expected = t[:, None] * colour.float().view(1, 3, 1, 1) + (1 - t[:, None]) * 255
-    # (t is read off the red channel, rounded to 1/55: up to ~3 levels on the others; a light or colour change
-    # of the full augmentation moves them by tens)
-    assert float((moved - expected).abs().max()) <= 3.0
-    assert torch.equal(bank_views(train, classifier, seed=0, passes=2).images, views.images)  # seeded
-    assert bank_views(train, classifier, seed=0, passes=0) is train
-
-
 def test_min_confidence_is_the_lowest_threshold_whose_answers_are_right_enough():
     # 1,000 answers at confidence 0.95 (all right) and 10 at 0.65 (all wrong): only thresholds above 0.65 keep
     # what is answered at least 99.8 % right
@@ -183,8 +143,6 @@ def test_the_fit_is_recorded_and_used_by_the_loader(trained_run: Path, demo_data
     assert (trained_run / "feature_stats.npz").is_file() and (trained_run / "uncertainty_scores.png").is_file()
     assert (trained_run / "reliability.png").is_file()
     assert fitted["temperature"] > 0 and fitted["max_distance"] > 0 and fitted["score"] == "nearest_neighbour"
-    with np.load(trained_run / "feature_stats.npz") as stats:  # the training images and their views
-        assert len(stats["features"]) == (fitted["bank_geometry_passes"] + 1) * meta["dataset"]["train_images"]
     assert set(fitted["out_of_distribution"]) == {"shifted", "composites", "textures"}
     # textures are no fruit at all: flagged far more often than the validation images the rule must answer
     assert fitted["out_of_distribution"]["textures"]["flagged"] > 1 - fitted["validation"]["answered"]

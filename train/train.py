@@ -52,7 +52,7 @@ from .reports import (
 )
 from .synthetic import make_demo_data
 from .tracking import CANDIDATE, NoTracker, Tracker, TrackingError, resolve_tracking_uri, start_tracking
-from .uncertainty import ANSWERED_ACCURACY, BANK_GEOMETRY_PASSES, answered_summary, fit_rule, holdout_frames
+from .uncertainty import ANSWERED_ACCURACY, answered_summary, fit_rule, holdout_frames
 from .utils import (
     autocast_dtype,
     git_commit,
@@ -112,7 +112,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-int8", action="store_true",
                    help="do not write model.int8.onnx (the graph precision auto serves on CPUs with VNNI)")
     t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(bank_passes=BANK_GEOMETRY_PASSES)
 
     e = sub.add_parser("evaluate", help="evaluate an exported model on an image folder",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -141,9 +140,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     c.add_argument("run", type=Path, help="a training run folder (its Training folder must still be where it was)")
     c.add_argument("--eval-batch-size", type=int, default=256)
     c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    c.add_argument("--bank-passes", type=int, default=BANK_GEOMETRY_PASSES,
-                   help="views of each training image through the training geometry in the feature bank, besides "
-                        "the image itself (0: the images only, as fitted until 2026-12-08)")
     c.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("make-demo-data", help="draw a small synthetic fruit dataset (Training/ and Test/)",
@@ -435,7 +431,7 @@ def calibrate(run_dir: Path, splits: Splits, args: argparse.Namespace, metadata:
     classifier = load_classifier(run_dir, device=select_device(args.device), precision="fp32",
                                  max_batch=args.eval_batch_size)
     rule, section, scores = fit_rule(classifier, splits.train, splits.val, run_dir, args.seed,
-                                     holdout_frames(metadata["training"]), args.bank_passes)
+                                     holdout_frames(metadata["training"]))
     classifier.uncertainty = rule
     rng = random.Random(args.seed)
     originals = [decode_image(p.read_bytes(), classifier.config.max_pixels)

@@ -1,11 +1,7 @@
 """Fitting the uncertainty rule after training (``handler/uncertainty.py`` says what the rule is).
 
 - the feature bank: the penultimate features of the training split, L2-normalised and grouped by class, stored in
-  ``feature_stats.npz``; beside each image as it is, ``BANK_GEOMETRY_PASSES`` views of it through the training
-  augmentation's geometry only (rotation, zoom, shift, flip; seeded). Fruits-360 Test holds views of each fruit
-  that no training frame shows; a rotated or zoomed training view is often nearer them than any frame as it was
-  recorded (docs/benchmark-log.md, 2026-12-08). The geometry only: a new background or light is what the
-  distance must keep flagging;
+  ``feature_stats.npz``;
 - ``max_distance``: the distance that leaves ``DISTANCE_FLAG_RATE`` of the validation split flagged. A run whose
   validation held whole stretches of each video out of training (``--val-stretch``) is measured as it is: its
   frames are as new to the network as Test's. Otherwise each validation frame is measured *without the training
@@ -53,12 +49,6 @@ MIN_CONFIDENCE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9)
 ANSWERED_ACCURACY = 0.998  # what the answered share must reach on augmented validation (issue 18's Test target)
 AUGMENTED_PASSES = 8  # 8 x the validation split: ~14,000 images on Fruits-360, so one error is 0.007 %
 AUGMENT_CHUNK = 256  # images per augmentation call: fixed, so the augmented set does not depend on the batch size
-# Views of each training image in the bank besides itself: 4 answered the most of validation measured without its
-# own video, with no out-of-distribution set flagged less (docs/benchmark-log.md, 2026-12-07 night and 2026-12-08).
-# The bank grows (passes + 1)-fold: ~80 MB rather than 16 MB in float16 for Fruits-360's 15,919 training images.
-BANK_GEOMETRY_PASSES = 4
-# TrainAugment with everything but the geometry switched off: the bank's extra views
-GEOMETRY_ONLY = {"small_p": 0.0, "background_p": 0.0, "color_p": 0.0, "light_p": 0.0, "blur_p": 0.0, "noise_p": 0.0}
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -126,18 +116,16 @@ def holdout_frames(training: dict) -> int:
 
 
 def held_out_distance(features: torch.Tensor, classes: torch.Tensor, val: datasets.DecodedImages,
-                      bank_sources: tuple[list[Path], torch.Tensor], bank: torch.Tensor, offsets: torch.Tensor,
+                      train: datasets.DecodedImages, bank: torch.Tensor, offsets: torch.Tensor,
                       frames: int) -> tuple[torch.Tensor, int]:
     """Validation's distances as ``max_distance`` is fitted on them: each image of ``val`` (its ``features``, the
-    ``classes`` it is called) without the frames of its own video within ``frames`` in ``bank``, whose rows are of
-    ``bank_sources`` (the path and target of each, before the bank's class order); and how many of them had
-    frames held out. 0 frames holds nothing out (validation is not in the bank), so the N x M mask is not built
-    then."""
+    ``classes`` it is called) without the frames of its own video within ``frames`` in ``bank``, the bank of
+    ``train``; and how many of them had frames held out. 0 frames holds nothing out (validation is not in the
+    bank), so the N x M mask is not built then."""
     if frames == 0:
         return nearest_distance(features, classes, bank, offsets), 0
-    paths, targets = bank_sources
-    order = bank_order(targets)
-    excluded = held_out_views(val.paths, val.targets, [paths[i] for i in order], targets[order], frames)
+    order = bank_order(train.targets)
+    excluded = held_out_views(val.paths, val.targets, [train.paths[i] for i in order], train.targets[order], frames)
     return nearest_distance(features, classes, bank, offsets, excluded), int(excluded.any(dim=1).sum())
 
 
@@ -154,11 +142,11 @@ def expected_calibration_error(probabilities: torch.Tensor, targets: torch.Tenso
 
 
 def augmented(images: torch.Tensor, targets: torch.Tensor, classifier: Classifier, seed: int,
-              passes: int = AUGMENTED_PASSES, only: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``images`` through the training augmentation (``only``: with these of its options changed), ``passes``
-    times, as uint8 images again (so they go through the served graph's own normalisation), with their targets."""
+              passes: int = AUGMENTED_PASSES) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` through the training augmentation, ``passes`` times, as uint8 images again (so they go through the
+    served graph's own normalisation), with their targets."""
     config = classifier.config
-    augment = TrainAugment(config.mean, config.std, **(only or {}))
+    augment = TrainAugment(config.mean, config.std)
     generator = torch.Generator().manual_seed(seed)
     mean = torch.tensor(config.mean).view(1, 3, 1, 1)
     std = torch.tensor(config.std).view(1, 3, 1, 1)
@@ -166,26 +154,6 @@ def augmented(images: torch.Tensor, targets: torch.Tensor, classifier: Classifie
                .to(torch.uint8)
                for _ in range(passes) for i in range(0, len(images), AUGMENT_CHUNK)]
     return torch.cat(batches), targets.repeat(passes)
-
-
-def bank_views(train: datasets.DecodedImages, classifier: Classifier, seed: int,
-               passes: int) -> datasets.DecodedImages:
-    """What the feature bank holds: ``train`` as it is, then ``passes`` views of it through the geometry of the
-    training augmentation. Each view keeps its image's path, so that holding a frame out of a distance holds out
-    its views too (``held_out_views``)."""
-    if passes == 0:
-        return train
-    # seed + 1: a stream of its own, so that no training view shares its draws with validation's augmented image
-    # of the same index (augmented() of the fit, seeded with seed)
-    views, _ = augmented(train.images, train.targets, classifier, seed + 1, passes, GEOMETRY_ONLY)
-    paths, targets = bank_sources(train.paths, train.targets, passes)
-    return datasets.DecodedImages(torch.cat([train.images, views]), targets, paths, train.skipped)
-
-
-def bank_sources(paths: list[Path], targets: torch.Tensor, passes: int) -> tuple[list[Path], torch.Tensor]:
-    """The path and target of each row of ``bank_views`` of these training images, before the bank's class order:
-    the images, then each pass of them (what ``held_out_distance`` needs of a bank, without its images)."""
-    return list(paths) * (passes + 1), targets.repeat(passes + 1)
 
 
 def fit_min_confidence(probabilities: torch.Tensor, distances: torch.Tensor, targets: torch.Tensor,
@@ -214,20 +182,17 @@ def answered_summary(correct: torch.Tensor, uncertain: torch.Tensor) -> dict:
 
 
 def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: datasets.DecodedImages, run_dir: Path,
-             seed: int = 0, frames: int = HOLDOUT_FRAMES, bank_passes: int = BANK_GEOMETRY_PASSES
-             ) -> tuple[UncertaintyRule, dict, dict[str, torch.Tensor]]:
-    """Fit the rule on ``classifier`` (the exported model, fp32) and write ``feature_stats.npz`` (``train`` and
-    ``bank_passes`` geometric views of it); the rule, the ``uncertainty`` section of ``metadata.json``
-    (thresholds, and what they do on validation), and validation's distances, as it is and with the neighbours
-    within ``frames`` held out (what ``max_distance`` is the percentile of; ``holdout_frames`` says how many for
-    a run)."""
-    train = bank_views(train, classifier, seed, bank_passes)
+             seed: int = 0, frames: int = HOLDOUT_FRAMES) -> tuple[UncertaintyRule, dict, dict[str, torch.Tensor]]:
+    """Fit the rule on ``classifier`` (the exported model, fp32) and write ``feature_stats.npz``; the rule, the
+    ``uncertainty`` section of ``metadata.json`` (thresholds, and what they do on validation), and validation's
+    distances, as it is and with the neighbours within ``frames`` held out (what ``max_distance`` is the
+    percentile of; ``holdout_frames`` says how many for a run)."""
     bank = feature_bank(classifier.logits_and_features(train.images)[1], train.targets, len(classifier.labels))
     save_feature_bank(bank, run_dir / FEATURE_STATS_FILE)
     val_logits, val_features = classifier.logits_and_features(val.images)
     predicted = val_logits.argmax(dim=1)
-    held_out, held_out_views_count = held_out_distance(val_features, predicted, val, (train.paths, train.targets),
-                                                       bank["features"], bank["offsets"], frames)
+    held_out, held_out_views_count = held_out_distance(val_features, predicted, val, train, bank["features"],
+                                                       bank["offsets"], frames)
     max_distance = float(torch.quantile(held_out.double(), 1 - DISTANCE_FLAG_RATE))
     measure = UncertaintyRule(max_distance=max_distance, bank=bank["features"], offsets=bank["offsets"])
 
@@ -249,10 +214,8 @@ def fit_rule(classifier: Classifier, train: datasets.DecodedImages, val: dataset
     val_distances = measure.distance(val_features, predicted)
     return rule, {
         "score": SCORE, "temperature": round(temperature, 5), "min_confidence": min_confidence,
-        "max_distance": round(max_distance, 5), "bank_geometry_passes": bank_passes,
-        "fitted_on": {"feature_bank": f"training ({len(train.targets) // (bank_passes + 1)} images)"
-                                      + (f" and {bank_passes} views of each through the training geometry"
-                                         if bank_passes else ""),
+        "max_distance": round(max_distance, 5),
+        "fitted_on": {"feature_bank": f"training ({len(train.targets)} images)",
                       "max_distance": f"validation, {1 - DISTANCE_FLAG_RATE:.1%} percentile, "
                                       + (f"without the training frames of its own video within {frames} frames"
                                          if frames else "as it is (split by --val-stretch: no frames held out again)"),
