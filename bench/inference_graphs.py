@@ -29,7 +29,7 @@ from fruitserve.train import data as datasets
 from fruitserve.train.model import eager_from_torchscript, export_onnx
 from fruitserve.train.reports import classification_metrics
 
-from bench.report import DEFAULT_IMAGES, save_results
+from bench.report import DEFAULT_IMAGES, median_ms, save_results
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # uint8 N x 3 x S x S -> logits
 
@@ -74,13 +74,8 @@ def logits_of(forward: Forward, images: torch.Tensor, batch: int) -> torch.Tenso
 
 def one_image_ms(forward: Forward, images: torch.Tensor, count: int = 100) -> float:
     """Median ms of a forward of one image: what a request that arrives alone waits for the model."""
-    times = []
     with torch.inference_mode():
-        for image in images[:count]:
-            start = time.perf_counter()
-            forward(image[None])
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        return median_ms(lambda image: forward(image[None]), images[:count])
 
 
 def answered(classifier: Classifier, images: torch.Tensor, batch: int) -> float:

@@ -1,4 +1,4 @@
-"""What every benchmark records beside its figures: the machine it ran on, and where the JSON goes.
+"""What every benchmark records beside its figures: the machine it ran on, and where the JSON goes; one timer.
 
 Machines differ between sessions (the same 2-core EPYC kind has come with and without AVX-512 BF16, and at
 0.6-1x the speed of another day), so each result names its CPU model and the flags that decide its speed.
@@ -10,6 +10,9 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -39,6 +42,16 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "flags": [f for f in SPEED_FLAGS if f in flags],
             "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "date": dt.date.today().isoformat()}
+
+
+def median_ms(step: Callable[[object], object], inputs: Iterable) -> float:
+    """The median time of ``step(x)`` over ``inputs``, in ms: one call per input, each timed on its own."""
+    times = []
+    for x in inputs:
+        start = time.perf_counter()
+        step(x)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
 
 
 def save_results(name: str, results: dict) -> Path:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import random
-import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from fruitserve.train.uncertainty import (
 from PIL import Image
 
 from bench.frame_gaps import gap_of_each, trained_frames
-from bench.report import DEFAULT_IMAGES, save_results
+from bench.report import DEFAULT_IMAGES, median_ms, save_results
 
 VALIDATION_FLAG_RATES = (0.005, 0.01, 0.02)
 
@@ -249,20 +247,11 @@ def distance_cost(classifier: Classifier, images: torch.Tensor, repeats: int = 2
     features) and of the nearest-neighbour distance on its features, measured side by side, and the bank's size."""
     batch = images[:32]
     rule = classifier.uncertainty
-
-    def median_ms(step) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - start) * 1000)
-        return round(statistics.median(times), 3)
-
     logits, features = classifier.logits_and_features(batch)
     predicted = logits.argmax(dim=1)
     return {"batch": len(batch), "bank_rows": len(rule.bank), "bank_mb_float16": round(rule.bank.numel() * 2 / 1e6, 1),
-            "forward_ms": median_ms(lambda: classifier.logits_and_features(batch)),
-            "distance_ms": median_ms(lambda: rule.distance(features, predicted))}
+            "forward_ms": round(median_ms(lambda _: classifier.logits_and_features(batch), range(repeats)), 3),
+            "distance_ms": round(median_ms(lambda _: rule.distance(features, predicted), range(repeats)), 3)}
 
 
 def augmented_validation(classifier: Classifier, images: torch.Tensor, targets: torch.Tensor, seed: int) -> dict:
